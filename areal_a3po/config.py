@@ -1,0 +1,153 @@
+"""Configuration: ``actor.prox_logp_method: a3po`` and the ``actor.a3po`` block.
+
+``A3POConfig`` holds the plugin's options; ``A3POActorConfig`` adds it to AReaL's
+``PPOActorConfig``; ``A3POGRPOConfig`` is AReaL's ``GRPOConfig`` with that actor. The whole
+experiment is validated when it loads (``load_config``), every problem reported at once with the
+full YAML key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+
+from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
+
+from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
+
+logger = logging.getLogger("areal_a3po")
+
+A3PO = "a3po"
+#: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
+PROX_LOGP_METHODS = ("recompute", "loglinear", "metrics", A3PO)
+
+
+class A3POConfigError(ValueError):
+    """An invalid ``actor.a3po`` / ``actor.prox_logp_method`` setting (all problems in one message)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid A-3PO configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass
+class A3POConfig:
+    """Options of A-3PO (arXiv 2512.06547), read when ``actor.prox_logp_method: a3po``."""
+
+    anchor: str = field(
+        default="paper",
+        metadata={
+            "help": "Which version π_prox stands for. 'paper': the paper's A-3PO, with d = k − v, "
+            "log π_prox = (1/d)·log π_behave + (1 − 1/d)·log π_θ (d ≥ 1), π_θ for d = 0. "
+            "'recompute': calibrated to AReaL's recompute (π at trainer version k): weight "
+            "(k − v)/(k + j/n − v) on π_θ in minibatch j of n; exact with ppo_n_minibatches=1.",
+            "choices": ["paper", "recompute"],
+        },
+    )
+    interpolation: str = field(
+        default="loglinear",
+        metadata={
+            "help": "How π_behave and π_θ are mixed. 'loglinear': in log space (geometric, the "
+            "paper's form). 'linear': in probability space (arithmetic).",
+            "choices": ["loglinear", "linear"],
+        },
+    )
+
+    def problems(self, prefix: str = "actor.a3po") -> list[str]:
+        """Every invalid field, as messages naming ``prefix.<field>``."""
+        out = []
+        if self.anchor not in ANCHORS:
+            out.append(f"{prefix}.anchor={self.anchor!r} is not an anchor; set one of {sorted(ANCHORS)}.")
+        if self.interpolation not in INTERPOLATIONS:
+            out.append(
+                f"{prefix}.interpolation={self.interpolation!r} is not an interpolation; "
+                f"set one of {sorted(INTERPOLATIONS)}."
+            )
+        return out
+
+
+def _prox_logp_method_field():
+    # AReaL's field with 'a3po' added to its choices and help; the default stays 'recompute'.
+    base = next(f for f in fields(PPOActorConfig) if f.name == "prox_logp_method")
+    help_text = base.metadata.get("help", "") + " 'a3po': A-3PO's staleness-aware approximation (areal-a3po; skip the forward pass)."
+    return field(default=base.default, metadata={**base.metadata, "help": help_text, "choices": list(PROX_LOGP_METHODS)})
+
+
+@dataclass
+class A3POActorConfig(PPOActorConfig):
+    """AReaL's ``PPOActorConfig`` plus ``prox_logp_method: a3po`` and the ``a3po`` block."""
+
+    prox_logp_method: str = _prox_logp_method_field()
+    a3po: A3POConfig = field(
+        default_factory=A3POConfig,
+        metadata={"help": "A-3PO options; used when prox_logp_method is 'a3po'."},
+    )
+
+    @property
+    def a3po_enabled(self) -> bool:
+        """True when the decoupled loss takes π_prox from A-3PO."""
+        return self.use_decoupled_loss and self.prox_logp_method == A3PO
+
+    def should_compute_prox_logp(self) -> bool:
+        """No recompute forward when A-3PO supplies π_prox; AReaL's rule otherwise."""
+        if self.a3po_enabled:
+            return False
+        return super().should_compute_prox_logp()
+
+    def a3po_problems(self) -> list[str]:
+        """Every invalid A-3PO-related setting, with the full YAML key and the fix."""
+        out = []
+        if self.prox_logp_method not in PROX_LOGP_METHODS:
+            out.append(
+                f"actor.prox_logp_method={self.prox_logp_method!r} is unknown; set one of {list(PROX_LOGP_METHODS)}."
+            )
+        if self.prox_logp_method == A3PO:
+            if not self.use_decoupled_loss:
+                out.append(
+                    "actor.prox_logp_method=a3po needs the decoupled loss; set actor.use_decoupled_loss=true "
+                    "(A-3PO approximates the proximal policy, which only the decoupled loss uses)."
+                )
+            if self.use_sapo_loss:
+                out.append(
+                    "actor.prox_logp_method=a3po cannot be combined with actor.use_sapo_loss=true "
+                    "(SAPO has no proximal policy); set actor.use_sapo_loss=false."
+                )
+            out.extend(self.a3po.problems("actor.a3po"))
+        return out
+
+    def __post_init__(self):
+        problems = self.a3po_problems()
+        if problems:
+            raise A3POConfigError(problems)
+        if self.prox_logp_method != A3PO and self.a3po != A3POConfig():
+            logger.warning(
+                "actor.a3po is set (%s) but actor.prox_logp_method=%r, so it is ignored; "
+                "set actor.prox_logp_method=a3po to use it.",
+                self.a3po,
+                self.prox_logp_method,
+            )
+        super().__post_init__()
+
+
+@dataclass
+class A3POGRPOConfig(GRPOConfig):
+    """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po``."""
+
+    actor: A3POActorConfig = field(default_factory=A3POActorConfig)
+
+
+def load_config(argv: list[str], config_cls: type = A3POGRPOConfig):
+    """Drop-in for ``areal.api.cli_args.load_expr_config(argv, GRPOConfig)``.
+
+    Merges ``--config FILE.yaml`` with Hydra overrides (``actor.a3po.anchor=recompute``) into
+    ``config_cls`` and validates it. Returns ``(config, config_file)`` as AReaL does.
+    """
+    try:
+        return load_expr_config(argv, config_cls)
+    except Exception as exc:  # OmegaConf wraps errors raised in __post_init__
+        cause = exc
+        while cause is not None and not isinstance(cause, A3POConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise A3POConfigError(cause.problems) from None
+        raise

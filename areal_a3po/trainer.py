@@ -1,0 +1,58 @@
+"""``A3POTrainer``: AReaL's ``PPOTrainer`` that builds the plugin's actor engine.
+
+The trainer already skips the recompute forward when ``config.actor.should_compute_prox_logp()``
+is false, which ``A3POActorConfig`` answers for a3po. What it cannot know is our actor class: in
+single-controller mode the workers import the engine class by ``module.name``, so it must be the
+plugin's class (a patch in the driver would never reach them); in SPMD mode every rank runs this
+code and builds it directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from areal.api.cli_args import PPOActorConfig
+from areal.trainer import PPOTrainer
+from areal.utils.environ import is_single_controller
+
+from areal_a3po.config import A3PO, A3POActorConfig
+
+#: backend of ``actor.backend`` (e.g. ``fsdp:d4``) → "module:Class" of the plugin's actor engine.
+ACTOR_ENGINES = {
+    "fsdp": "areal_a3po.actor:A3POFSDPActor",
+    "megatron": "areal_a3po.megatron:A3POMegatronActor",
+    "archon": "areal_a3po.archon:A3POArchonActor",
+}
+
+
+def actor_engine_class(backend: str) -> type:
+    """The plugin's actor engine class for an AReaL backend name (``fsdp``, ``megatron``, ``archon``)."""
+    if backend not in ACTOR_ENGINES:
+        raise ValueError(f"actor.backend {backend!r}: areal-a3po supports {sorted(ACTOR_ENGINES)}.")
+    module, name = ACTOR_ENGINES[backend].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class A3POTrainer(PPOTrainer):
+    """``PPOTrainer`` whose actor is the plugin's (``A3POFSDPActor`` for ``fsdp``); ref/critic stay AReaL's."""
+
+    def __init__(self, config, *args, **kwargs):
+        actor = config.actor
+        if not isinstance(actor, A3POActorConfig) and getattr(actor, "prox_logp_method", None) == A3PO:
+            raise TypeError(
+                "actor.prox_logp_method=a3po but the config was not loaded with areal-a3po's classes; "
+                "load it with areal_a3po.load_config(argv) (or load_expr_config(argv, A3POGRPOConfig))."
+            )
+        super().__init__(config, *args, **kwargs)
+
+    def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
+        if not isinstance(actor_config, A3POActorConfig):  # the reference model, or a plain config
+            return super()._create_train_engine(actor_config, alloc)
+        # Same as PPOTrainer._create_train_engine in areal 1.0.4, with the plugin's engine class.
+        actor_cls = actor_engine_class(alloc.backend)
+        if is_single_controller():
+            actor = actor_cls.as_controller(actor_config, self.scheduler)
+        else:
+            actor = actor_cls(config=actor_config)
+        actor.create_process_group(parallel_strategy=alloc.parallel)
+        return actor
