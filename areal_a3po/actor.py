@@ -92,11 +92,24 @@ def a3po_loss_fn(
             importance_weight=torch.where(tokens, torch.exp(theta_logp - prox_logp), 0.0),
             denominator="a3po_tokens",
         )
+        truth = input_data.get("prox_logp")  # AReaL's recomputed π_prox, when a step computed it
+        if truth is not None:
+            _log_audit(prox_logp, truth.float(), behave_logp.float(), tokens)
 
     # AReaL's loss with π_prox supplied: 'recompute' is the method that takes it as given.
     grpo_kwargs["prox_logp_method"] = "recompute"
     return grpo_loss_fn(
         logprobs, entropy, {**input_data, "prox_logp": prox_logp}, current_version=current_version, **grpo_kwargs
+    )
+
+
+def _log_audit(prox_logp: torch.Tensor, truth: torch.Tensor, behave_logp: torch.Tensor, tokens: torch.Tensor) -> None:
+    """``a3po/audit/*``: how far the approximated π_prox is from the recomputed one, per token."""
+    zero = torch.zeros_like(prox_logp)
+    err = torch.where(tokens, (prox_logp - truth).abs(), zero)
+    weight_err = torch.where(tokens, (torch.exp(prox_logp - behave_logp) - torch.exp(truth - behave_logp)).abs(), zero)
+    stats_tracker.stat(
+        **{"audit/abs_error": err, "audit/behave_imp_weight_abs_error": weight_err}, denominator="a3po_tokens"
     )
 
 

@@ -69,3 +69,124 @@ def setup_single_process_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def make_actor(
+    model_path: str,
+    *,
+    prox_logp_method: str = "recompute",
+    anchor: str = "paper",
+    interpolation: str = "loglinear",
+    ppo_n_minibatches: int = 1,
+    lr: float = 1e-3,
+    max_tokens_per_mb: int = 64,
+    plugin: bool = True,
+    total_steps: int = 1000,
+    **overrides: Any,
+):
+    """An initialised FSDP PPO actor on CPU: the plugin's ``A3POFSDPActor`` or, with
+    ``plugin=False``, AReaL's own ``FSDPPPOActor`` (then ``prox_logp_method`` must be AReaL's).
+
+    ``max_tokens_per_mb`` should be at most one sequence's length, so that each micro-batch holds
+    one sequence. Decoupled loss, rejection sampling as in AReaL's examples (ratio ≤ 5), no KL.
+    """
+    setup_single_process_env()
+    from areal.api import FinetuneSpec
+    from areal.api.alloc_mode import ParallelStrategy
+    from areal.api.cli_args import MicroBatchSpec, OptimizerConfig, PPOActorConfig, RejectionSamplingConfig
+
+    kwargs: dict[str, Any] = dict(
+        experiment_name="a3po-toy",
+        trial_name="t0",
+        path=str(model_path),
+        attn_impl="sdpa",
+        dtype="float32",
+        optimizer=OptimizerConfig(lr=lr, lr_scheduler_type="constant", warmup_steps_proportion=0.0, gradient_clipping=1.0),
+        mb_spec=MicroBatchSpec(max_tokens_per_mb=max_tokens_per_mb),
+        use_decoupled_loss=True,
+        prox_logp_method=prox_logp_method,
+        ppo_n_minibatches=ppo_n_minibatches,
+        kl_ctl=0.0,
+        eps_clip=0.2,
+        rejection_sampling=RejectionSamplingConfig(level="token", action="mask", metric="ratio", upper=5.0),
+    )
+    kwargs.update(overrides)
+    if plugin:
+        from areal_a3po.actor import A3POFSDPActor
+        from areal_a3po.config import A3POActorConfig, A3POConfig
+
+        actor = A3POFSDPActor(config=A3POActorConfig(**kwargs, a3po=A3POConfig(anchor=anchor, interpolation=interpolation)))
+    else:
+        from areal.engine import FSDPPPOActor
+
+        actor = FSDPPPOActor(config=PPOActorConfig(**kwargs))
+    actor.create_process_group(parallel_strategy=ParallelStrategy())
+    actor.initialize(addr=None, ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=total_steps, train_batch_size=1))
+    return actor
+
+
+def parameters(actor) -> torch.Tensor:
+    """All of the actor's weights as one flat float64 vector (full tensors of FSDP's DTensors)."""
+    out = []
+    for p in actor.model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.append(full.detach().reshape(-1).to(torch.float64).cpu())
+    return torch.cat(out)
+
+
+def load_parameters(actor, flat: torch.Tensor) -> None:
+    """Write a vector from ``parameters`` back into the actor's weights (world size 1)."""
+    offset = 0
+    with torch.no_grad():
+        for p in actor.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            n = local.numel()
+            local.copy_(flat[offset : offset + n].view_as(local).to(local.dtype))
+            offset += n
+
+
+@dataclass
+class Rollout:
+    """A batch as AReaL's inference engine hands it to the trainer (per-trajectory dicts)."""
+
+    input_ids: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T] 1 on generated tokens
+    versions: torch.Tensor  # [B, T] version per token, -1 on the prompt
+    logprobs: torch.Tensor  # [B, T] log π_behave of token t at position t (0 on the prompt)
+    rewards: torch.Tensor  # [B]
+
+    def trajectories(self) -> list[dict[str, Any]]:
+        B, T = self.input_ids.shape
+        return [
+            dict(
+                input_ids=self.input_ids[i : i + 1].clone(),
+                attention_mask=torch.ones(1, T, dtype=torch.bool),
+                loss_mask=self.loss_mask[i : i + 1].clone(),
+                logprobs=self.logprobs[i : i + 1].clone(),
+                versions=self.versions[i : i + 1].clone(),
+                rewards=self.rewards[i : i + 1].clone(),
+            )
+            for i in range(B)
+        ]
+
+
+def random_tokens(n_seqs: int, seq_len: int, prompt_len: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (no special tokens) and the loss mask of the response part."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(VOCAB), (n_seqs, seq_len), generator=g)
+    loss_mask = torch.zeros(n_seqs, seq_len, dtype=torch.int32)
+    loss_mask[:, prompt_len:] = 1
+    return ids, loss_mask
+
+
+def token_logprobs(actor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log π(token t | tokens < t) at position t, as an inference engine reports it ([B, T], 0 at t=0).
+
+    AReaL's ``compute_logp`` is label-aligned (position t holds token t+1); shift it right by one.
+    """
+    T = input_ids.shape[1]
+    trajs = [dict(input_ids=x[None], attention_mask=torch.ones(1, T, dtype=torch.bool)) for x in input_ids]
+    label_aligned = torch.cat(actor.compute_logp(trajs), dim=0).float()
+    out = torch.zeros_like(label_aligned)
+    out[:, 1:] = label_aligned[:, :-1]
+    return out

@@ -1,0 +1,177 @@
+"""CPU demo: train the tiny model a few steps with AReaL's recompute and with A-3PO, side by side.
+
+    python -m areal_a3po.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
+
+Every variant consumes the same stream of stale batches: the batch consumed at step s was scored
+by *that variant's own* policy at version s − d (weight snapshots), with d drawn per sequence up
+to ``--max-staleness`` and, in half the sequences, a version switch mid-response, recorded per
+token as AReaL's inference engine records it. The variants are interleaved step by step in one
+process. A-3PO's π_prox error is measured against the recomputed ground truth, which the demo
+computes for the A-3PO variants outside their timed phases (``a3po/audit/*`` stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+VARIANTS = {
+    "recompute": dict(prox_logp_method="recompute"),
+    "a3po-paper": dict(prox_logp_method="a3po", anchor="paper"),
+    "a3po-recompute": dict(prox_logp_method="a3po", anchor="recompute"),
+}
+
+
+@contextmanager
+def _timed(timings: dict[str, float] | None, key: str):
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def train_step(actor, trajs: list[dict[str, Any]], *, version: int, timings: dict[str, float] | None = None) -> None:
+    """One trainer step as ``PPOTrainer.train`` runs it (areal 1.0.4, rl_trainer.py ~680-730):
+    recompute π_prox only if ``config.actor.should_compute_prox_logp()``, then advantages, update."""
+    actor.set_version(version)
+    if actor.config.should_compute_prox_logp():
+        with _timed(timings, "recompute_logp"):
+            for traj, logp in zip(trajs, actor.compute_logp(trajs)):
+                traj["prox_logp"] = logp
+    with _timed(timings, "compute_advantage"):
+        adv = actor.compute_advantages(trajs)
+    with _timed(timings, "train_step"):
+        actor.ppo_update(adv)
+        actor.step_lr_scheduler()
+
+
+def _stale_rollout(scorer, snapshots: list[torch.Tensor], step: int, *, seed: int, n_seqs: int, seq_len: int, prompt_len: int, max_staleness: int):
+    from areal_a3po.toy import Rollout, load_parameters, random_tokens, token_logprobs
+
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    ids, loss_mask = random_tokens(n_seqs, seq_len, prompt_len, seed=seed * 1000 + step)
+    versions = torch.full(ids.shape, -1)
+    for i in range(n_seqs):
+        v = step - int(torch.randint(0, min(max_staleness, step) + 1, (1,), generator=g))
+        versions[i, prompt_len:] = v
+        if i % 2 == 1 and v < step:  # the engine picked up new weights mid-response
+            versions[i, (prompt_len + seq_len) // 2 :] = v + 1
+    behave = torch.zeros(ids.shape)
+    for v in versions.unique().tolist():
+        if v < 0:
+            continue
+        load_parameters(scorer, snapshots[v])
+        logp = token_logprobs(scorer, ids)
+        behave = torch.where(versions == v, logp, behave)
+    rewards = (torch.rand(n_seqs, generator=g) > 0.5).float()
+    return Rollout(ids, loss_mask, versions, behave * loss_mask, rewards)
+
+
+def run(steps: int = 12, max_staleness: int = 4, minibatches: int = 2, n_seqs: int = 8, seq_len: int = 24, seed: int = 0, variants=None) -> dict[str, Any]:
+    from areal.utils import stats_tracker
+
+    from areal_a3po.toy import build_tiny_model, make_actor, parameters
+
+    variants = variants or list(VARIANTS)
+    workdir = tempfile.mkdtemp(prefix="a3po-demo-")
+    model = build_tiny_model(f"{workdir}/model", seed=seed)
+    common = dict(ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len, lr=2e-3)
+    actors = {name: make_actor(model, **VARIANTS[name], **common) for name in variants}
+    scorer = make_actor(model, **common)
+    snapshots = {name: [parameters(actor)] for name, actor in actors.items()}
+    per_step: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+
+    stats_tracker.export_all()
+    for step in range(steps):
+        for name in variants:  # interleaved: machine noise hits all variants alike
+            actor = actors[name]
+            rollout = _stale_rollout(scorer, snapshots[name], step, seed=seed, n_seqs=n_seqs, seq_len=seq_len, prompt_len=seq_len // 3, max_staleness=max_staleness)
+            trajs = rollout.trajectories()
+            if not actor.config.should_compute_prox_logp():  # audit only: ground truth, not timed
+                actor.set_version(step)
+                for traj, logp in zip(trajs, actor.compute_logp(trajs)):
+                    traj["prox_logp"] = logp
+            timings: dict[str, float] = {}
+            train_step(actor, trajs, version=step, timings=timings)
+            stats = stats_tracker.export_all()
+            timings["total"] = sum(timings.values())
+            timings["abs_error"] = stats.get("ppo_actor/update/a3po/audit/abs_error/avg", 0.0)
+            timings["abs_error_max"] = stats.get("ppo_actor/update/a3po/audit/abs_error/max", 0.0)
+            timings["behave_weight_error"] = stats.get("ppo_actor/update/a3po/audit/behave_imp_weight_abs_error/avg", 0.0)
+            per_step[name].append(timings)
+            actor.set_version(step + 1)
+            snapshots[name].append(parameters(actor))
+
+    skip = 1 if steps > 1 else 0  # the first step carries one-off start-up cost
+    summary = {}
+    for name, rows in per_step.items():
+        rows = rows[skip:]
+        summary[name] = {
+            key: statistics.median(r.get(key, 0.0) for r in rows)
+            for key in ("recompute_logp", "compute_advantage", "train_step", "total")
+        }
+        summary[name]["abs_error_mean"] = statistics.fmean(r["abs_error"] for r in rows)
+        summary[name]["abs_error_max"] = max(r["abs_error_max"] for r in rows)
+        summary[name]["behave_weight_error_mean"] = statistics.fmean(r["behave_weight_error"] for r in rows)
+    return dict(
+        settings=dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len, seed=seed),
+        summary=summary,
+        per_step=per_step,
+    )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    summary = result["summary"]
+    base = summary.get("recompute", {}).get("total")
+    lines = [
+        f"{'variant':<16}{'recompute_logp':>15}{'advantages':>12}{'update':>10}{'total':>10}{'vs recompute':>14}"
+        f"{'|Δlog π_prox|':>15}{'max':>9}{'|Δ weight|':>12}",
+    ]
+    for name, s in summary.items():
+        ratio = f"{s['total'] / base:.2f}x" if base else "-"
+        lines.append(
+            f"{name:<16}{s['recompute_logp'] * 1e3:>13.1f}ms{s['compute_advantage'] * 1e3:>10.1f}ms"
+            f"{s['train_step'] * 1e3:>8.1f}ms{s['total'] * 1e3:>8.1f}ms{ratio:>14}"
+            f"{s['abs_error_mean']:>15.2e}{s['abs_error_max']:>9.2e}{s['behave_weight_error_mean']:>12.2e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-staleness", type=int, default=4)
+    parser.add_argument("--minibatches", type=int, default=2, help="actor.ppo_n_minibatches")
+    parser.add_argument("--seqs", type=int, default=8, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write all figures to this file")
+    args = parser.parse_args(argv)
+    result = run(args.steps, args.max_staleness, args.minibatches, args.seqs, args.seq_len, args.seed)
+    print()
+    print(f"A-3PO CPU demo: tiny Qwen2, {args.steps} steps, staleness ≤ {args.max_staleness}, "
+          f"ppo_n_minibatches={args.minibatches}, medians after step 0 (π_prox errors vs recomputed ground truth)")
+    print(format_table(result))
+    s = result["summary"]
+    if "recompute" in s:
+        saved = s["recompute"]["recompute_logp"]
+        for name in s:
+            if name != "recompute":
+                print(f"{name}: recompute forward skipped, {saved * 1e3:.1f} ms/step saved "
+                      f"({saved / s['recompute']['total']:.0%} of the recompute step); step time "
+                      f"{s[name]['total'] / s['recompute']['total']:.2f}x recompute")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
