@@ -22,18 +22,17 @@ Backends: ``A3POActorMixin`` swaps AReaL's ``PPOActor`` for ours in any AReaL PP
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 from areal.engine import FSDPPPOActor
 from areal.trainer.ppo.actor import PPOActor, grpo_loss_fn
-from areal.utils import stats_tracker
+from areal.utils import logging, stats_tracker
 
 from areal_a3po.config import A3POConfig
 from areal_a3po.proximal import interpolate, interpolation_weights, staleness
 
-logger = logging.getLogger("areal_a3po")
+logger = logging.getLogger("A3PO")
 
 __all__ = ["A3POActorMixin", "A3POFSDPActor", "A3POPPOActor", "a3po_loss_fn"]
 

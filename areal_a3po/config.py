@@ -8,14 +8,12 @@ full YAML key, the bad value and the fix.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from dataclasses import dataclass, field, fields
 
 from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
-
-logger = logging.getLogger("areal_a3po")
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
@@ -120,11 +118,11 @@ class A3POActorConfig(PPOActorConfig):
         if problems:
             raise A3POConfigError(problems)
         if self.prox_logp_method != A3PO and self.a3po != A3POConfig():
-            logger.warning(
-                "actor.a3po is set (%s) but actor.prox_logp_method=%r, so it is ignored; "
-                "set actor.prox_logp_method=a3po to use it.",
-                self.a3po,
-                self.prox_logp_method,
+            warnings.warn(
+                f"actor.a3po is set ({self.a3po}) but actor.prox_logp_method={self.prox_logp_method!r}, "
+                "so it is ignored; set actor.prox_logp_method=a3po to use it.",
+                UserWarning,
+                stacklevel=2,
             )
         super().__post_init__()
 

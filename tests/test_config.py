@@ -1,0 +1,81 @@
+"""Config loading: every shipped YAML, Hydra overrides, and each invalid setting's named error."""
+
+from pathlib import Path
+
+import pytest
+
+from areal_a3po import A3POActorConfig, A3POConfig, A3POConfigError, A3POGRPOConfig, load_config
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def _load(tmp_path, *overrides, config=CONFIGS[0]):
+    return load_config(["--config", str(config), f"cluster.fileroot={tmp_path}", *overrides])
+
+
+def test_configs_exist():
+    assert [p.name for p in CONFIGS] and all(p.suffix == ".yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(tmp_path, path):
+    config, config_file = _load(tmp_path, config=path)
+    assert isinstance(config, A3POGRPOConfig) and isinstance(config.actor, A3POActorConfig)
+    assert config_file == str(path.absolute())
+    if config.actor.prox_logp_method == "a3po":
+        assert config.actor.use_decoupled_loss and not config.actor.should_compute_prox_logp()
+
+
+def test_hydra_overrides_reach_the_a3po_block(tmp_path):
+    config, _ = _load(tmp_path, "actor.a3po.anchor=recompute", "actor.a3po.interpolation=linear")
+    assert config.actor.a3po == A3POConfig(anchor="recompute", interpolation="linear")
+
+
+def test_recompute_keeps_arealsmeaning(tmp_path):
+    config, _ = _load(tmp_path, "actor.prox_logp_method=recompute")
+    assert config.actor.should_compute_prox_logp() and not config.actor.a3po_enabled
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["actor.use_decoupled_loss=false"], r"actor\.prox_logp_method=a3po needs the decoupled loss; set actor\.use_decoupled_loss=true"),
+        (["actor.a3po.anchor=latest"], r"actor\.a3po\.anchor='latest' is not an anchor; set one of \['paper', 'recompute'\]"),
+        (["actor.a3po.interpolation=cubic"], r"actor\.a3po\.interpolation='cubic' is not an interpolation; set one of \['linear', 'loglinear'\]"),
+        (["actor.prox_logp_method=a3p0"], r"actor\.prox_logp_method='a3p0' is unknown; set one of \['recompute', 'loglinear', 'metrics', 'a3po'\]"),
+    ],
+)
+def test_invalid_settings_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(A3POConfigError, match=message):
+        _load(tmp_path, *overrides)
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(A3POConfigError) as info:
+        _load(tmp_path, "actor.use_decoupled_loss=false", "actor.a3po.anchor=x", "actor.a3po.interpolation=y")
+    assert len(info.value.problems) == 3
+
+
+def test_sapo_is_rejected_with_a3po():
+    # AReaL itself also rejects SAPO + decoupled loss; ours names the a3po conflict first.
+    with pytest.raises(A3POConfigError, match=r"cannot be combined with actor\.use_sapo_loss=true"):
+        A3POActorConfig(experiment_name="e", trial_name="t", use_decoupled_loss=True, prox_logp_method="a3po", use_sapo_loss=True)
+
+
+def test_unknown_a3po_key_is_rejected(tmp_path):
+    with pytest.raises(Exception, match=r"Could not override 'actor\.a3po\.anchr'"):
+        _load(tmp_path, "actor.a3po.anchr=paper")
+
+
+def test_a3po_options_without_the_method_warn(tmp_path):
+    with pytest.warns(UserWarning, match=r"actor\.a3po is set .* so it is ignored; set actor\.prox_logp_method=a3po"):
+        config, _ = _load(tmp_path, "actor.prox_logp_method=recompute", "actor.a3po.anchor=recompute")
+    assert config.actor.prox_logp_method == "recompute"
+
+
+def test_defaults_do_not_warn(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="actor.a3po is set")
+        _load(tmp_path, "actor.prox_logp_method=recompute")
