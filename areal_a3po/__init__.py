@@ -4,6 +4,7 @@ The math (``approximate_prox_logp`` and its registries) imports only torch; the 
 are imported on first use, so ``from areal_a3po import approximate_prox_logp`` stays light.
 """
 
+from areal_a3po import proximal
 from areal_a3po.proximal import (
     ANCHORS,
     INTERPOLATIONS,
@@ -30,16 +31,7 @@ _LAZY = {
     "actor_engine_class": "areal_a3po.trainer",
 }
 
-__all__ = [
-    "ANCHORS",
-    "INTERPOLATIONS",
-    "Registry",
-    "approximate_prox_logp",
-    "interpolate",
-    "interpolation_weights",
-    "staleness",
-    *_LAZY,
-]
+__all__ = [*proximal.__all__, *_LAZY]
 
 
 def __getattr__(name: str):

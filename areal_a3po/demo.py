@@ -24,6 +24,7 @@ import torch
 
 VARIANTS = {
     "recompute": dict(prox_logp_method="recompute"),
+    "areal-loglinear": dict(prox_logp_method="loglinear"),  # AReaL's built-in approximation
     "a3po-paper": dict(prox_logp_method="a3po", anchor="paper"),
     "a3po-recompute": dict(prox_logp_method="a3po", anchor="recompute"),
 }
@@ -74,12 +75,30 @@ def _stale_rollout(scorer, snapshots: list[torch.Tensor], step: int, *, seed: in
     return Rollout(ids, loss_mask, versions, behave * loss_mask, rewards)
 
 
-def run(steps: int = 12, max_staleness: int = 4, minibatches: int = 2, n_seqs: int = 8, seq_len: int = 24, seed: int = 0, variants=None) -> dict[str, Any]:
+DEMO_VARIANTS = ("recompute", "a3po-paper", "a3po-recompute")
+
+
+def run(
+    steps: int = 12,
+    max_staleness: int = 4,
+    minibatches: int = 2,
+    n_seqs: int = 8,
+    seq_len: int = 24,
+    seed: int = 0,
+    variants=DEMO_VARIANTS,
+    audit: bool = True,
+    progress=None,
+) -> dict[str, Any]:
+    """Train each variant ``steps`` steps on its own stale stream, interleaved; return all timings.
+
+    ``audit``: recompute the ground truth π_prox (untimed) for the a3po variants to measure their
+    error. ``progress``: called once per trained (step, variant).
+    """
     from areal.utils import stats_tracker
 
     from areal_a3po.toy import build_tiny_model, make_actor, parameters
 
-    variants = variants or list(VARIANTS)
+    variants = list(variants)
     workdir = tempfile.mkdtemp(prefix="a3po-demo-")
     model = build_tiny_model(f"{workdir}/model", seed=seed)
     common = dict(ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len, lr=2e-3)
@@ -94,7 +113,7 @@ def run(steps: int = 12, max_staleness: int = 4, minibatches: int = 2, n_seqs: i
             actor = actors[name]
             rollout = _stale_rollout(scorer, snapshots[name], step, seed=seed, n_seqs=n_seqs, seq_len=seq_len, prompt_len=seq_len // 3, max_staleness=max_staleness)
             trajs = rollout.trajectories()
-            if not actor.config.should_compute_prox_logp():  # audit only: ground truth, not timed
+            if audit and actor.config.a3po_enabled:  # ground truth for the error, not timed
                 actor.set_version(step)
                 for traj, logp in zip(trajs, actor.compute_logp(trajs)):
                     traj["prox_logp"] = logp
@@ -108,6 +127,8 @@ def run(steps: int = 12, max_staleness: int = 4, minibatches: int = 2, n_seqs: i
             per_step[name].append(timings)
             actor.set_version(step + 1)
             snapshots[name].append(parameters(actor))
+            if progress is not None:
+                progress()
 
     skip = 1 if steps > 1 else 0  # the first step carries one-off start-up cost
     summary = {}

@@ -1,0 +1,1 @@
+"""Benchmarks of areal-a3po: run from the repository root as ``python -m benchmarks.<name>``."""
