@@ -175,3 +175,33 @@ def test_other_methods_behave_exactly_like_areal(tiny_model):
         a3po_update(actor, rollout)
         params.append(parameters(actor))
     assert torch.equal(params[0], params[1])
+
+
+@pytest.mark.parametrize("anchor", ["paper", "recompute"])
+def test_audit_error_equals_the_error_computed_here(tiny_model, anchor):
+    # With a recomputed π_prox in the batch, a3po logs |approx - recomputed|. One minibatch, so
+    # π_θ = recomputed π_prox: anchor 'recompute' is exact (error 0), 'paper' is off by
+    # |paper formula - π_θ| = α·|log π_behave - log π_θ| on each token.
+    from areal.utils import stats_tracker
+
+    actor = make_actor(tiny_model, prox_logp_method="a3po", anchor=anchor, max_tokens_per_mb=T)
+    versions = mixed_versions()
+    rollout = stale_rollout(actor, versions)
+    trajs = rollout.trajectories()
+    truth = actor.compute_logp(trajs)
+    for traj, p in zip(trajs, truth):
+        traj["prox_logp"] = p
+    theta = torch.cat(truth, dim=0)
+    stats_tracker.export_all()
+    actor.set_version(K)
+    actor.ppo_update(actor.compute_advantages(trajs))
+    stats = stats_tracker.export_all()
+
+    tokens = torch.roll(rollout.loss_mask, -1, dims=-1).bool()
+    expected = (paper_prox(theta, rollout, torch.roll(versions, -1, dims=-1)) - theta).abs()[tokens]
+    if anchor == "recompute":
+        assert stats["ppo_actor/update/a3po/audit/abs_error/max"] == 0.0
+    else:
+        assert expected.mean().item() > 1e-3
+        assert stats["ppo_actor/update/a3po/audit/abs_error/avg"] == pytest.approx(expected.mean().item(), rel=1e-5)
+        assert stats["ppo_actor/update/a3po/audit/abs_error/max"] == pytest.approx(expected.max().item(), rel=1e-5)
