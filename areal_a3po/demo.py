@@ -165,17 +165,27 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
+def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentParser:
+    """The command-line options of ``run`` (shared by the demo and the benchmarks)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--minibatches", type=int, default=2, help="actor.ppo_n_minibatches")
     parser.add_argument("--seqs", type=int, default=8, help="sequences per batch")
-    parser.add_argument("--seq-len", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write all figures to this file")
-    args = parser.parse_args(argv)
-    result = run(args.steps, args.max_staleness, args.minibatches, args.seqs, args.seq_len, args.seed)
+    return parser
+
+
+def run_args(args: argparse.Namespace) -> tuple:
+    """``run``'s positional arguments from ``stream_parser``'s namespace."""
+    return args.steps, args.max_staleness, args.minibatches, args.seqs, args.seq_len, args.seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stream_parser(__doc__, steps=12, seq_len=24).parse_args(argv)
+    result = run(*run_args(args))
     print()
     print(f"A-3PO CPU demo: tiny Qwen2, {args.steps} steps, staleness ≤ {args.max_staleness}, "
           f"ppo_n_minibatches={args.minibatches}, medians after step 0 (π_prox errors vs recomputed ground truth)")

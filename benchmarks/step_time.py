@@ -13,7 +13,6 @@ are what carry over.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -103,26 +102,16 @@ def plot(summary: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--max-staleness", type=int, default=4)
-    parser.add_argument("--minibatches", type=int, default=2, help="actor.ppo_n_minibatches")
-    parser.add_argument("--seqs", type=int, default=8, help="sequences per batch")
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write all figures to this file")
+    from areal_a3po.demo import run, run_args, stream_parser
+
+    parser = stream_parser(__doc__, steps=30, seq_len=32)
     parser.add_argument("--plot", help="draw phase times per variant to this PNG")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
 
-    from areal_a3po.demo import run
-
     with tqdm(total=args.steps * len(VARIANTS), desc="steps x variants", unit="step") as bar:
-        result = run(
-            args.steps, args.max_staleness, args.minibatches, args.seqs, args.seq_len, args.seed,
-            variants=VARIANTS, audit=False, progress=bar.update,
-        )
+        result = run(*run_args(args), variants=VARIANTS, audit=False, progress=bar.update)
     summary = summarize(result, n_tokens=args.seqs * args.seq_len // args.minibatches)
     print(format_table(summary))
     out = dict(settings=result["settings"], summary=summary, per_step=result["per_step"])
