@@ -38,14 +38,19 @@ def _timed(timings: dict[str, float] | None, key: str):
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
+def attach_recomputed_prox(actor, trajs: list[dict[str, Any]]) -> None:
+    """AReaL's recompute forward: store π_prox (label-aligned) in each trajectory as ``prox_logp``."""
+    for traj, logp in zip(trajs, actor.compute_logp(trajs)):
+        traj["prox_logp"] = logp
+
+
 def train_step(actor, trajs: list[dict[str, Any]], *, version: int, timings: dict[str, float] | None = None) -> None:
     """One trainer step as ``PPOTrainer.train`` runs it (areal 1.0.4, rl_trainer.py ~680-730):
     recompute π_prox only if ``config.actor.should_compute_prox_logp()``, then advantages, update."""
     actor.set_version(version)
     if actor.config.should_compute_prox_logp():
         with _timed(timings, "recompute_logp"):
-            for traj, logp in zip(trajs, actor.compute_logp(trajs)):
-                traj["prox_logp"] = logp
+            attach_recomputed_prox(actor, trajs)
     with _timed(timings, "compute_advantage"):
         adv = actor.compute_advantages(trajs)
     with _timed(timings, "train_step"):
@@ -114,9 +119,7 @@ def run(
             rollout = _stale_rollout(scorer, snapshots[name], step, seed=seed, n_seqs=n_seqs, seq_len=seq_len, prompt_len=seq_len // 3, max_staleness=max_staleness)
             trajs = rollout.trajectories()
             if audit and actor.config.a3po_enabled:  # ground truth for the error, not timed
-                actor.set_version(step)
-                for traj, logp in zip(trajs, actor.compute_logp(trajs)):
-                    traj["prox_logp"] = logp
+                attach_recomputed_prox(actor, trajs)
             timings: dict[str, float] = {}
             train_step(actor, trajs, version=step, timings=timings)
             stats = stats_tracker.export_all()
