@@ -14,12 +14,15 @@ from areal_a3po.proximal import (
     interpolation_weights,
     staleness,
 )
+from areal_a3po.audit import AUDIT_METRICS, AuditTotals, token_errors
+from areal_a3po.fallback import FallbackState
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "A3POConfig": "areal_a3po.config",
     "A3POConfigError": "areal_a3po.config",
+    "FallbackConfig": "areal_a3po.config",
     "A3POActorConfig": "areal_a3po.config",
     "A3POGRPOConfig": "areal_a3po.config",
     "load_config": "areal_a3po.config",
@@ -27,11 +30,12 @@ _LAZY = {
     "A3POFSDPActor": "areal_a3po.actor",
     "A3POActorMixin": "areal_a3po.actor",
     "a3po_loss_fn": "areal_a3po.actor",
+    "A3POWarning": "areal_a3po.actor",
     "A3POTrainer": "areal_a3po.trainer",
     "actor_engine_class": "areal_a3po.trainer",
 }
 
-__all__ = [*proximal.__all__, *_LAZY]
+__all__ = [*proximal.__all__, "AUDIT_METRICS", "AuditTotals", "FallbackState", "token_errors", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
 
+from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
 
 A3PO = "a3po"
@@ -26,6 +27,50 @@ class A3POConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid A-3PO configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclass
+class FallbackConfig:
+    """``actor.a3po.fallback``: switch to exact recompute when audits say the approximation is bad."""
+
+    metric: str = field(
+        default="abs_error",
+        metadata={
+            "help": "Audit metric compared with the threshold (token mean over all ranks, or the max): "
+            + ", ".join(AUDIT_METRICS) + ".",
+            "choices": list(AUDIT_METRICS),
+        },
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Fall back when the audited metric exceeds this; null (default) turns the fallback off."},
+    )
+    patience: int = field(
+        default=1, metadata={"help": "Number of consecutive audits over the threshold before switching to recompute."}
+    )
+    recover_after: int = field(
+        default=0,
+        metadata={
+            "help": "Return to the approximation after this many consecutive clean audited steps "
+            "(every step is audited while recomputing); 0 = stay on recompute."
+        },
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None
+
+    def problems(self, prefix: str = "actor.a3po.fallback") -> list[str]:
+        out = []
+        if self.metric not in AUDIT_METRICS:
+            out.append(f"{prefix}.metric={self.metric!r} is not an audit metric; set one of {list(AUDIT_METRICS)}.")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold < float("inf")):
+            out.append(f"{prefix}.threshold={self.threshold!r} must be a finite number ≥ 0 (or null to turn the fallback off).")
+        if not (isinstance(self.patience, int) and self.patience >= 1):
+            out.append(f"{prefix}.patience={self.patience!r} must be an integer ≥ 1.")
+        if not (isinstance(self.recover_after, int) and self.recover_after >= 0):
+            out.append(f"{prefix}.recover_after={self.recover_after!r} must be an integer ≥ 0 (0 = never return).")
+        return out
 
 
 @dataclass
@@ -50,10 +95,39 @@ class A3POConfig:
             "choices": ["loglinear", "linear"],
         },
     )
+    audit_interval: int = field(
+        default=0,
+        metadata={
+            "help": "Every N-th training step (trainer version % N == 0), also run AReaL's recompute forward "
+            "and log the approximation's error under a3po/audit/*; training still uses the approximation. "
+            "0 = off. Costs one forward every N steps."
+        },
+    )
+    fallback: FallbackConfig = field(
+        default_factory=FallbackConfig,
+        metadata={"help": "Automatic switch to exact recompute on bad audits (needs audit_interval > 0)."},
+    )
+    max_staleness: int | None = field(
+        default=None,
+        metadata={
+            "help": "Warn once when a token is staler than this many versions; null = "
+            "rollout.max_head_offpolicyness (filled in when the experiment config loads)."
+        },
+    )
 
     def problems(self, prefix: str = "actor.a3po") -> list[str]:
         """Every invalid field, as messages naming ``prefix.<field>``."""
         out = []
+        if not (isinstance(self.audit_interval, int) and self.audit_interval >= 0):
+            out.append(f"{prefix}.audit_interval={self.audit_interval!r} must be an integer ≥ 0 (0 = no audits).")
+        out.extend(self.fallback.problems(f"{prefix}.fallback"))
+        if self.fallback.enabled and self.audit_interval == 0:
+            out.append(
+                f"{prefix}.fallback.threshold is set but {prefix}.audit_interval=0, so nothing is ever audited; "
+                f"set {prefix}.audit_interval to N > 0 (audit every N-th step) or {prefix}.fallback.threshold=null."
+            )
+        if self.max_staleness is not None and not (isinstance(self.max_staleness, int) and self.max_staleness >= 0):
+            out.append(f"{prefix}.max_staleness={self.max_staleness!r} must be an integer ≥ 0 or null.")
         if self.anchor not in ANCHORS:
             out.append(f"{prefix}.anchor={self.anchor!r} is not an anchor; set one of {sorted(ANCHORS)}.")
         if self.interpolation not in INTERPOLATIONS:
@@ -132,6 +206,12 @@ class A3POGRPOConfig(GRPOConfig):
     """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po``."""
 
     actor: A3POActorConfig = field(default_factory=A3POActorConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The actor warns about tokens staler than the rollout allows; it only sees its own config.
+        if self.actor.a3po_enabled and self.actor.a3po.max_staleness is None and self.rollout is not None:
+            self.actor.a3po.max_staleness = self.rollout.max_head_offpolicyness
 
 
 def load_config(argv: list[str], config_cls: type = A3POGRPOConfig):

@@ -1,6 +1,7 @@
 """CPU demo: train the tiny model a few steps with AReaL's recompute and with A-3PO, side by side.
 
     python -m areal_a3po.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
+                              [--audit-interval N]
 
 Every variant consumes the same stream of stale batches: the batch consumed at step s was scored
 by *that variant's own* policy at version s − d (weight snapshots), with d drawn per sequence up
@@ -83,6 +84,17 @@ def _stale_rollout(scorer, snapshots: list[torch.Tensor], step: int, *, seed: in
 DEMO_VARIANTS = ("recompute", "a3po-paper", "a3po-recompute")
 
 
+AUDIT_KEYS = {  # demo name -> stats_tracker key (under ppo_actor/update/a3po/audit/)
+    "abs_error": "abs_error/avg",
+    "abs_error_max": "max_abs_error",
+    "behave_weight_error": "behave_imp_weight_abs_error/avg",
+    "ratio_error": "importance_weight_abs_error/avg",
+    "kl": "kl/avg",
+    "clip_disagreement": "clip_disagreement/avg",
+    "areal_loglinear_abs_error": "areal_loglinear/abs_error/avg",
+}
+
+
 def run(
     steps: int = 12,
     max_staleness: int = 4,
@@ -93,21 +105,34 @@ def run(
     variants=DEMO_VARIANTS,
     audit: bool = True,
     progress=None,
+    audit_interval: int = 0,
 ) -> dict[str, Any]:
     """Train each variant ``steps`` steps on its own stale stream, interleaved; return all timings.
 
     ``audit``: recompute the ground truth π_prox (untimed) for the a3po variants to measure their
-    error. ``progress``: called once per trained (step, variant).
+    error. ``audit_interval`` > 0 instead turns on the plugin's own audit
+    (``actor.a3po.audit_interval``): the a3po actors recompute π_prox every N-th step inside their
+    timed update, as in production. ``progress``: called once per trained (step, variant).
     """
+    with tempfile.TemporaryDirectory(prefix="a3po-demo-") as workdir:
+        return _run(workdir, steps, max_staleness, minibatches, n_seqs, seq_len, seed, list(variants), audit, progress, audit_interval)
+
+
+def _run(workdir, steps, max_staleness, minibatches, n_seqs, seq_len, seed, variants, audit, progress, audit_interval):
     from areal.utils import stats_tracker
 
     from areal_a3po.toy import build_tiny_model, make_actor, parameters
 
-    variants = list(variants)
-    workdir = tempfile.mkdtemp(prefix="a3po-demo-")
     model = build_tiny_model(f"{workdir}/model", seed=seed)
     common = dict(ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len, lr=2e-3)
-    actors = {name: make_actor(model, **VARIANTS[name], **common) for name in variants}
+
+    def build(name):
+        options = dict(VARIANTS[name])
+        if audit_interval and options["prox_logp_method"] == "a3po":
+            options["a3po_options"] = {"audit_interval": audit_interval}
+        return make_actor(model, **options, **common)
+
+    actors = {name: build(name) for name in variants}
     scorer = make_actor(model, **common)
     snapshots = {name: [parameters(actor)] for name, actor in actors.items()}
     per_step: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
@@ -118,15 +143,17 @@ def run(
             actor = actors[name]
             rollout = _stale_rollout(scorer, snapshots[name], step, seed=seed, n_seqs=n_seqs, seq_len=seq_len, prompt_len=seq_len // 3, max_staleness=max_staleness)
             trajs = rollout.trajectories()
-            if audit and actor.config.a3po_enabled:  # ground truth for the error, not timed
+            if audit and not audit_interval and actor.config.a3po_enabled:  # ground truth, not timed
                 attach_recomputed_prox(actor, trajs)
             timings: dict[str, float] = {}
             train_step(actor, trajs, version=step, timings=timings)
             stats = stats_tracker.export_all()
             timings["total"] = sum(timings.values())
-            timings["abs_error"] = stats.get("ppo_actor/update/a3po/audit/abs_error/avg", 0.0)
-            timings["abs_error_max"] = stats.get("ppo_actor/update/a3po/audit/abs_error/max", 0.0)
-            timings["behave_weight_error"] = stats.get("ppo_actor/update/a3po/audit/behave_imp_weight_abs_error/avg", 0.0)
+            audited = "ppo_actor/update/a3po/audit/tokens" in stats
+            timings["audited"] = float(audited)
+            for key, stat in AUDIT_KEYS.items():
+                if audited:
+                    timings[key] = stats.get(f"ppo_actor/update/a3po/audit/{stat}", 0.0)
             per_step[name].append(timings)
             actor.set_version(step + 1)
             snapshots[name].append(parameters(actor))
@@ -141,11 +168,18 @@ def run(
             key: statistics.median(r.get(key, 0.0) for r in rows)
             for key in ("recompute_logp", "compute_advantage", "train_step", "total")
         }
-        summary[name]["abs_error_mean"] = statistics.fmean(r["abs_error"] for r in rows)
-        summary[name]["abs_error_max"] = max(r["abs_error_max"] for r in rows)
-        summary[name]["behave_weight_error_mean"] = statistics.fmean(r["behave_weight_error"] for r in rows)
+        audited = [r for r in rows if r["audited"]]
+        plain = [r for r in rows if not r["audited"]]
+        for key in AUDIT_KEYS:
+            values = [r[key] for r in audited]
+            reduce = max if key == "abs_error_max" else statistics.fmean
+            summary[name][key] = reduce(values) if values else 0.0
+        summary[name]["audited_steps"] = len(audited)
+        if audit_interval and audited and plain:
+            summary[name]["total_audited"] = statistics.median(r["total"] for r in audited)
+            summary[name]["total_plain"] = statistics.median(r["total"] for r in plain)
     return dict(
-        settings=dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len, seed=seed),
+        settings=dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len, seed=seed, audit_interval=audit_interval),
         summary=summary,
         per_step=per_step,
     )
@@ -163,8 +197,28 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{name:<16}{s['recompute_logp'] * 1e3:>13.1f}ms{s['compute_advantage'] * 1e3:>10.1f}ms"
             f"{s['train_step'] * 1e3:>8.1f}ms{s['total'] * 1e3:>8.1f}ms{ratio:>14}"
-            f"{s['abs_error_mean']:>15.2e}{s['abs_error_max']:>9.2e}{s['behave_weight_error_mean']:>12.2e}"
+            f"{s['abs_error']:>15.2e}{s['abs_error_max']:>9.2e}{s['behave_weight_error']:>12.2e}"
         )
+    return "\n".join(lines)
+
+
+def format_audit_table(result: dict[str, Any]) -> str:
+    """The plugin's own audit (``--audit-interval``): errors on audited steps and their extra time."""
+    n = result["settings"]["audit_interval"]
+    lines = [
+        f"{'variant':<16}{'audited':>8}{'|Δlog π|':>10}{'max':>9}{'|Δ weight|':>11}{'|Δ ratio|':>10}{'KL':>10}"
+        f"{'clip≠':>8}{'AReaL loglin':>14}{'plain step':>12}{'audited step':>14}{'extra':>8}",
+    ]
+    for name, s in result["summary"].items():
+        if "total_audited" not in s:
+            continue
+        extra = s["total_audited"] / s["total_plain"] - 1
+        lines.append(
+            f"{name:<16}{s['audited_steps']:>8}{s['abs_error']:>10.2e}{s['abs_error_max']:>9.2e}"
+            f"{s['behave_weight_error']:>11.2e}{s['ratio_error']:>10.2e}{s['kl']:>10.2e}{s['clip_disagreement']:>8.1%}"
+            f"{s['areal_loglinear_abs_error']:>14.2e}{s['total_plain'] * 1e3:>10.1f}ms{s['total_audited'] * 1e3:>12.1f}ms{extra:>+8.0%}"
+        )
+    lines.append(f"(audit every {n} steps: amortised extra cost = extra / {n})")
     return "\n".join(lines)
 
 
@@ -178,6 +232,10 @@ def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentPar
     parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument(
+        "--audit-interval", type=int, default=0, metavar="N",
+        help="use the plugin's own audit (actor.a3po.audit_interval=N) instead of the untimed ground truth",
+    )
     return parser
 
 
@@ -188,7 +246,7 @@ def run_args(args: argparse.Namespace) -> tuple:
 
 def main(argv: list[str] | None = None) -> None:
     args = stream_parser(__doc__, steps=12, seq_len=24).parse_args(argv)
-    result = run(*run_args(args))
+    result = run(*run_args(args), audit_interval=args.audit_interval)
     print()
     print(f"A-3PO CPU demo: tiny Qwen2, {args.steps} steps, staleness ≤ {args.max_staleness}, "
           f"ppo_n_minibatches={args.minibatches}, medians after step 0 (π_prox errors vs recomputed ground truth)")
@@ -201,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}: recompute forward skipped, {saved * 1e3:.1f} ms/step saved "
                       f"({saved / s['recompute']['total']:.0%} of the recompute step); step time "
                       f"{s[name]['total'] / s['recompute']['total']:.2f}x recompute")
+    if args.audit_interval:
+        print()
+        print(f"Audit (actor.a3po.audit_interval={args.audit_interval}): errors on audited steps vs recomputed π_prox, step times")
+        print(format_audit_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

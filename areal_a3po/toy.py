@@ -82,6 +82,7 @@ def make_actor(
     max_tokens_per_mb: int = 64,
     plugin: bool = True,
     total_steps: int = 1000,
+    a3po_options: dict[str, Any] | None = None,
     **overrides: Any,
 ):
     """An initialised FSDP PPO actor on CPU: the plugin's ``A3POFSDPActor`` or, with
@@ -89,6 +90,8 @@ def make_actor(
 
     ``max_tokens_per_mb`` should be at most one sequence's length, so that each micro-batch holds
     one sequence. Decoupled loss, rejection sampling as in AReaL's examples (ratio ≤ 5), no KL.
+    ``a3po_options`` go to ``A3POConfig`` next to ``anchor`` and ``interpolation`` (e.g.
+    ``{"audit_interval": 1, "fallback": {"threshold": 0.01}}``).
     """
     setup_single_process_env()
     from areal.api import FinetuneSpec
@@ -113,9 +116,13 @@ def make_actor(
     kwargs.update(overrides)
     if plugin:
         from areal_a3po.actor import A3POFSDPActor
-        from areal_a3po.config import A3POActorConfig, A3POConfig
+        from areal_a3po.config import A3POActorConfig, A3POConfig, FallbackConfig
 
-        actor = A3POFSDPActor(config=A3POActorConfig(**kwargs, a3po=A3POConfig(anchor=anchor, interpolation=interpolation)))
+        options = dict(a3po_options or {})
+        if isinstance(options.get("fallback"), dict):
+            options["fallback"] = FallbackConfig(**options["fallback"])
+        a3po = A3POConfig(anchor=anchor, interpolation=interpolation, **options)
+        actor = A3POFSDPActor(config=A3POActorConfig(**kwargs, a3po=a3po))
     else:
         from areal.engine import FSDPPPOActor
 

@@ -36,13 +36,13 @@ def mixed_versions() -> torch.Tensor:
     return v
 
 
-def recompute_update(actor, rollout: Rollout, prox_logp: torch.Tensor | None = None) -> None:
+def recompute_update(actor, rollout: Rollout, prox_logp: torch.Tensor | None = None, *, version: int = K) -> None:
     """AReaL's recompute path: π_prox from the forward pass, or the given label-aligned tensor."""
     trajs = rollout.trajectories()
     prox = actor.compute_logp(trajs) if prox_logp is None else [p[None] for p in prox_logp]
     for traj, p in zip(trajs, prox):
         traj["prox_logp"] = p
-    actor.set_version(K)
+    actor.set_version(version)
     actor.ppo_update(actor.compute_advantages(trajs))
 
 

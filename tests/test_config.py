@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_a3po import A3POActorConfig, A3POConfig, A3POConfigError, A3POGRPOConfig, load_config
+from areal_a3po import A3POActorConfig, A3POConfigError, A3POGRPOConfig, FallbackConfig, load_config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -27,8 +27,26 @@ def test_every_shipped_config_loads(tmp_path, path):
 
 
 def test_hydra_overrides_reach_the_a3po_block(tmp_path):
-    config, _ = _load(tmp_path, "actor.a3po.anchor=recompute", "actor.a3po.interpolation=linear")
-    assert config.actor.a3po == A3POConfig(anchor="recompute", interpolation="linear")
+    config, _ = _load(
+        tmp_path,
+        "actor.a3po.anchor=recompute",
+        "actor.a3po.interpolation=linear",
+        "actor.a3po.audit_interval=10",
+        "actor.a3po.fallback.threshold=0.05",
+        "actor.a3po.fallback.metric=kl",
+        "actor.a3po.fallback.patience=2",
+        "actor.a3po.fallback.recover_after=5",
+    )
+    a3po = config.actor.a3po
+    assert (a3po.anchor, a3po.interpolation, a3po.audit_interval) == ("recompute", "linear", 10)
+    assert a3po.fallback == FallbackConfig(metric="kl", threshold=0.05, patience=2, recover_after=5)
+
+
+def test_max_staleness_comes_from_the_rollout(tmp_path):
+    config, _ = _load(tmp_path, "rollout.max_head_offpolicyness=3")
+    assert config.actor.a3po.max_staleness == 3
+    config, _ = _load(tmp_path, "rollout.max_head_offpolicyness=3", "actor.a3po.max_staleness=6")
+    assert config.actor.a3po.max_staleness == 6
 
 
 def test_recompute_keeps_arealsmeaning(tmp_path):
@@ -43,6 +61,13 @@ def test_recompute_keeps_arealsmeaning(tmp_path):
         (["actor.a3po.anchor=latest"], r"actor\.a3po\.anchor='latest' is not an anchor; set one of \['paper', 'recompute'\]"),
         (["actor.a3po.interpolation=cubic"], r"actor\.a3po\.interpolation='cubic' is not an interpolation; set one of \['linear', 'loglinear'\]"),
         (["actor.prox_logp_method=a3p0"], r"actor\.prox_logp_method='a3p0' is unknown; set one of \['recompute', 'loglinear', 'metrics', 'a3po'\]"),
+        (["actor.a3po.audit_interval=-1"], r"actor\.a3po\.audit_interval=-1 must be an integer ≥ 0"),
+        (["actor.a3po.audit_interval=5", "actor.a3po.fallback.metric=mse"], r"actor\.a3po\.fallback\.metric='mse' is not an audit metric; set one of \['abs_error'"),
+        (["actor.a3po.audit_interval=5", "actor.a3po.fallback.threshold=-0.5"], r"actor\.a3po\.fallback\.threshold=-0\.5 must be a finite number ≥ 0"),
+        (["actor.a3po.audit_interval=5", "actor.a3po.fallback.patience=0"], r"actor\.a3po\.fallback\.patience=0 must be an integer ≥ 1"),
+        (["actor.a3po.audit_interval=5", "actor.a3po.fallback.recover_after=-2"], r"actor\.a3po\.fallback\.recover_after=-2 must be an integer ≥ 0"),
+        (["actor.a3po.fallback.threshold=0.1"], r"actor\.a3po\.fallback\.threshold is set but actor\.a3po\.audit_interval=0, so nothing is ever audited"),
+        (["actor.a3po.max_staleness=-1"], r"actor\.a3po\.max_staleness=-1 must be an integer ≥ 0 or null"),
     ],
 )
 def test_invalid_settings_name_the_key(tmp_path, overrides, message):
@@ -52,8 +77,16 @@ def test_invalid_settings_name_the_key(tmp_path, overrides, message):
 
 def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(A3POConfigError) as info:
-        _load(tmp_path, "actor.use_decoupled_loss=false", "actor.a3po.anchor=x", "actor.a3po.interpolation=y")
-    assert len(info.value.problems) == 3
+        _load(
+            tmp_path,
+            "actor.use_decoupled_loss=false",
+            "actor.a3po.anchor=x",
+            "actor.a3po.interpolation=y",
+            "actor.a3po.fallback.patience=0",
+            "actor.a3po.fallback.threshold=0.1",
+        )
+    # decoupled loss, anchor, interpolation, patience, and threshold without audit_interval
+    assert len(info.value.problems) == 5
 
 
 def test_sapo_is_rejected_with_a3po():
