@@ -181,8 +181,9 @@ def _audit(
     """``a3po/audit/*``: the active approximation against the recomputed π_prox, per token.
 
     Also the other anchor (same interpolation) under ``audit/anchor_<name>/`` and AReaL's built-in
-    ``loglinear`` (its formula on its unaligned versions) under ``audit/areal_loglinear/``, and the
-    active method's ``abs_error`` per staleness under ``audit/staleness_<d>/``.
+    ``loglinear`` (its formula on its unaligned versions) under ``audit/areal_loglinear/``; the
+    active method's ``abs_error`` per staleness under ``audit/staleness_<d>/``, and every method's
+    ``abs_error`` per minibatch under ``audit/minibatch_<j>/``.
     """
     behave, advantages = input_data["logprobs"], input_data["advantages"]
     errors = lambda x: token_errors(x, truth, behave, theta_logp, advantages, eps_clip=eps_clip, eps_clip_higher=eps_clip_higher)  # noqa: E731
@@ -203,19 +204,26 @@ def _audit(
         step_audit.totals.add(mine, tokens)
 
     versions = input_data["versions"]
+    by_method = {"": mine}
     for other in sorted(set(ANCHORS) - {a3po.anchor}):
         alpha = interpolation_weights(
             versions, current_version, anchor=other, minibatch=minibatch, n_minibatches=n_minibatches, loss_mask=tokens
         )
-        other_approx = interpolate(behave, theta_logp, alpha, interpolation=a3po.interpolation)
-        stats_tracker.stat(**{f"audit/anchor_{other}/{k}": v for k, v in masked(errors(other_approx)).items()}, denominator="audit/tokens")
+        by_method[f"anchor_{other}/"] = errors(interpolate(behave, theta_logp, alpha, interpolation=a3po.interpolation))
     areal_versions = input_data.get(AREAL_VERSIONS_KEY)
     if areal_versions is not None:
         areal = compute_prox_logp_approximations(
             old_logp=behave.float(), logprobs=theta_logp.float(), versions=areal_versions,
             current_version=current_version, method="loglinear",
         )["loglinear"]
-        stats_tracker.stat(**{f"audit/areal_loglinear/{k}": v for k, v in masked(errors(areal)).items()}, denominator="audit/tokens")
+        by_method["areal_loglinear/"] = errors(areal)
+    # By minibatch index j: π_θ has moved j/n of a version, so errors differ by j.
+    mb_key = f"audit/minibatch_{minibatch}"
+    stats_tracker.denominator(**{f"{mb_key}/tokens": tokens})
+    for prefix, errs in by_method.items():
+        if prefix:
+            stats_tracker.stat(**{f"audit/{prefix}{k}": v for k, v in masked(errs).items()}, denominator="audit/tokens")
+        stats_tracker.stat(**{f"{mb_key}/{prefix}abs_error": masked(errs)["abs_error"]}, denominator=f"{mb_key}/tokens")
 
     d = staleness(versions, current_version)
     for value in torch.unique(d[tokens]).tolist():  # one host sync, on audited steps only

@@ -197,3 +197,42 @@ def token_logprobs(actor, input_ids: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(label_aligned)
     out[:, 1:] = label_aligned[:, :-1]
     return out
+
+
+class Sampler:
+    """The toy's inference engine: a plain ``transformers`` copy of the model that samples responses.
+
+    ``load(flat)`` takes a weight vector from ``parameters(actor)`` (a snapshot of some version);
+    ``sample`` draws responses at temperature 1 and returns each token's logprob under the loaded
+    weights, as AReaL's inference engine reports them (position t holds log π(token t), 0 on the
+    prompt).
+    """
+
+    def __init__(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32, attn_implementation="sdpa")
+        self.model.eval()
+
+    def load(self, flat: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.model.parameters():
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].view_as(p).to(p.dtype))
+                offset += n
+        if offset != flat.numel():
+            raise ValueError(f"weight vector has {flat.numel()} values, the sampler's model {offset}.")
+
+    @torch.no_grad()
+    def sample(self, prompts: torch.Tensor, new_tokens: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``new_tokens`` sampled tokens to each prompt row; returns (ids [B, P+N], logprobs [B, P+N])."""
+        ids = prompts.clone()
+        logps = torch.zeros(prompts.shape[0], prompts.shape[1] + new_tokens)
+        for t in range(new_tokens):
+            logits = self.model(input_ids=ids).logits[:, -1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            token = torch.multinomial(logp.exp(), 1, generator=generator)
+            logps[:, ids.shape[1]] = logp.gather(1, token).squeeze(1)
+            ids = torch.cat([ids, token], dim=1)
+        return ids, logps

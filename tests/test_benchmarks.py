@@ -25,3 +25,37 @@ def test_step_time_writes_table_json_and_plot(tmp_path, capsys):
     assert all(len(rows) == 2 for rows in data["per_step"].values())
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "limit ratio" in capsys.readouterr().out
+
+
+def test_accuracy_writes_tables_json_and_plot(tmp_path, capsys):
+    from benchmarks import accuracy
+
+    out, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    accuracy.main(["--max-staleness", "1", "--minibatches", "1", "2", "--seqs", "2", "--prompt-len", "3",
+                   "--new-tokens", "3", "--json", str(out), "--plot", str(png)])
+    data = json.loads(out.read_text())
+    # 2 values of n x 2 staleness values x 5 methods
+    assert len(data["cells"]) == 2 * 2 * len(accuracy.METHODS)
+    assert {c["method"] for c in data["cells"]} == set(accuracy.METHODS)
+    assert all(len(c["by_minibatch"]) == c["minibatches"] for c in data["cells"])
+    one = data["summary"]["by_minibatches"]["1"]
+    # the recompute anchor is exact with one minibatch; the paper anchor is not at d = 1
+    assert one["a3po recompute/loglinear"]["max_abs_error"] <= 1e-6
+    assert one["a3po paper/loglinear"]["max_abs_error"] > 1e-4
+    assert data["summary"]["targets"]["recompute_anchor_max_error_1_minibatch"] <= 1e-6
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "ppo_n_minibatches=2" in capsys.readouterr().out
+
+
+def test_demo_with_the_plugins_own_audit(tmp_path, capsys):
+    from areal_a3po import demo
+
+    out = tmp_path / "demo.json"
+    demo.main(["--steps", "3", "--seqs", "2", "--seq-len", "12", "--audit-interval", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    # versions 0 and 2 are audited (version % 2 == 0); step 0 is dropped from the summary
+    for name in ("a3po-paper", "a3po-recompute"):
+        assert [r["audited"] for r in data["per_step"][name]] == [1.0, 0.0, 1.0]
+        assert data["summary"][name]["audited_steps"] == 1
+    assert "recompute_logp" not in data["per_step"]["a3po-paper"][2]  # the audit runs inside the update
+    assert "Audit (actor.a3po.audit_interval=2)" in capsys.readouterr().out
