@@ -10,6 +10,9 @@ code and builds it directly.
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import time
 
 from areal.api.cli_args import PPOActorConfig
 from areal.trainer import PPOTrainer
@@ -33,6 +36,34 @@ def actor_engine_class(backend: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+#: Per-step stats as AReaL commits them, one JSON object per line (plus ``global_step`` and ``wall_time``).
+STATS_FILE = "stats.jsonl"
+
+
+class JsonlStatsLogger:
+    """AReaL's ``StatsLogger`` with each ``commit`` also appended to a JSON-lines file (rank 0 only,
+    like AReaL's own commit); everything else calls through."""
+
+    def __init__(self, inner, path: str):
+        self._inner = inner
+        self.path = path
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def commit(self, epoch: int, step: int, global_step: int, data):
+        self._inner.commit(epoch, step, global_step, data)
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        rows = data if isinstance(data, list) else [data]
+        with open(self.path, "a") as f:
+            for row in rows:
+                clean = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.endswith("__count")}
+                f.write(json.dumps({"global_step": global_step, "wall_time": time.time(), **clean}) + "\n")
+
+
 class A3POTrainer(PPOTrainer):
     """``PPOTrainer`` whose actor is the plugin's (``A3POFSDPActor`` for ``fsdp``); ref/critic stay AReaL's."""
 
@@ -44,6 +75,12 @@ class A3POTrainer(PPOTrainer):
                 "load it with areal_a3po.load_config(argv) (or load_expr_config(argv, A3POGRPOConfig))."
             )
         super().__init__(config, *args, **kwargs)
+        from areal.utils.stats_logger import StatsLogger
+
+        # AReaL's loggers (wandb, swanlab, tensorboard) are for people; benchmarks.e2e_speedup
+        # reads the same committed stats from a JSON-lines file next to AReaL's logs.
+        path = os.path.join(StatsLogger.get_log_path(config.stats_logger), STATS_FILE)
+        self.stats_logger = JsonlStatsLogger(self.stats_logger, path)
 
     def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
         if not isinstance(actor_config, A3POActorConfig):  # the reference model, or a plain config

@@ -1,0 +1,105 @@
+"""Issue 5's runner on CPU: dry runs of every shipped config, the stats parser, the synthetic model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import e2e_speedup
+
+CONFIGS = sorted(str(p) for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_dry_run_of_every_shipped_config(tmp_path, capsys):
+    out = e2e_speedup.main(["--configs", *CONFIGS, "--steps", "3", "--dry-run", "--synthetic", "tiny",
+                            "--override", f"cluster.fileroot={tmp_path}"])
+    text = capsys.readouterr().out
+    assert len(out["runs"]) == len(CONFIGS)
+    for run in out["runs"]:
+        assert f"[{run['name']}]" in text
+        assert run["command"][1:4] == ["-m", "areal_a3po.train", "--config"]
+        assert "total_train_steps=3" in run["command"] and run["env"] == {"A3PO_SYNTHETIC": "tiny"}
+    # the recompute forward runs only for AReaL's recompute method
+    for line in text.splitlines():
+        if line.startswith("["):
+            assert ("recompute_forward=True" in line) == ("method=recompute " in line), line
+    assert "engine=areal_a3po.actor.A3POFSDPActor" in text
+    assert "synthetic tiny: 2 layers, hidden 64, vocab 512" in text
+
+
+def test_methods_expand_each_config(tmp_path, capsys):
+    out = e2e_speedup.main(["--configs", CONFIGS[0], "--methods", "recompute", "a3po-recompute", "--steps", "2",
+                            "--dry-run", "--override", f"cluster.fileroot={tmp_path}"])
+    assert [r["method"] for r in out["runs"]] == ["recompute", "a3po-recompute"]
+    assert "actor.a3po.anchor=recompute" in out["runs"][1]["command"]
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_stats_are_summarised_and_compared(tmp_path):
+    # recompute: steps 10 s apart (medians over steps after the first), recompute_logp 2.5 s;
+    # a3po: 8 s apart -> speedup 10/8 = 1.25, 20% less time per step.
+    rec = [dict(global_step=i, wall_time=100.0 + 10 * i, **{"timeperf/recompute_logp": 2.5, "timeperf/train_step": 6.0,
+                "ppo_actor/task_reward/avg": 0.1 * i}) for i in range(4)]
+    a3po = [dict(global_step=i, wall_time=50.0 + 8 * i, **{"timeperf/train_step": 6.1, "ppo_actor/task_reward/avg": 0.1 * i,
+                 "eval-rollout/reward/avg": 0.7}) for i in range(4)]
+    _write(tmp_path / "r.jsonl", rec)
+    _write(tmp_path / "a.jsonl", a3po)
+    results = {
+        "rec": dict(method="recompute", summary=e2e_speedup.summarize_run(e2e_speedup.read_stats(tmp_path / "r.jsonl"))),
+        "a3po": dict(method="a3po-paper", summary=e2e_speedup.summarize_run(e2e_speedup.read_stats(tmp_path / "a.jsonl"))),
+    }
+    e2e_speedup.compare(results)
+    rs, asum = results["rec"]["summary"], results["a3po"]["summary"]
+    assert (rs["step_seconds"], rs["total_seconds"], rs["recompute_logp_seconds"]) == (10.0, 30.0, 2.5)
+    assert asum["recompute_logp_seconds"] == 0.0 and asum["eval_reward"] == 0.7
+    assert rs["task_reward"] == pytest.approx(0.3)
+    assert results["a3po"]["speedup"] == pytest.approx(1.25) and results["a3po"]["time_saved"] == pytest.approx(0.2)
+    table = e2e_speedup.format_table(results)
+    assert "1.25" in table and "20%" in table and "reported elsewhere (not measured here)" in table
+    e2e_speedup.plot(results, str(tmp_path / "e2e.png"))
+    assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_synthetic_model_tokenizer_and_reward(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from areal_a3po.synthetic import build_synthetic_model, model_shape, reward_fn, synthetic_dataset
+
+    path = build_synthetic_model(tmp_path / "m", "tiny")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size == 512
+    row = synthetic_dataset(3, seed=1)[0]
+    prompt = tok.apply_chat_template(row["messages"], tokenize=False)
+    assert prompt == row["messages"][0]["content"] + " "
+    assert tok.decode(tok(prompt)["input_ids"]).split() == prompt.split()
+    # answer "a b c d": a completion matching 3 of 4 positions (extra tokens ignored) scores 3/4
+    want = row["answer"].split()
+    wrong = str((int(want[2]) + 1) % 10)
+    assert reward_fn(prompt, " ".join(want[:2] + [wrong, want[3], "<t99>"]), [], [], row["answer"]) == 0.75
+    assert reward_fn(prompt, "", [], [], row["answer"]) == 0.0
+    assert model_shape("qwen2.5-1.5b")["hidden_size"] == 1536
+    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['qwen2.5-1.5b', 'tiny'\]"):
+        model_shape("gpt5")
+
+
+def test_trainer_mirrors_committed_stats_to_jsonl(tmp_path):
+    from areal.api import FinetuneSpec
+    from areal.utils.stats_logger import StatsLogger
+
+    from areal_a3po.config import load_config
+    from areal_a3po.trainer import JsonlStatsLogger
+
+    config, _ = load_config(["--config", CONFIGS[0], f"cluster.fileroot={tmp_path}"])
+    inner = StatsLogger(config, FinetuneSpec(total_train_epochs=1, dataset_size=4, train_batch_size=2))
+    logger = JsonlStatsLogger(inner, str(tmp_path / "stats.jsonl"))
+    logger.commit(0, 0, 0, {"timeperf/train_step": 1.5, "x__count": 3})
+    logger.commit(0, 1, 1, {"timeperf/train_step": 1.25})
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [(r["global_step"], r["timeperf/train_step"]) for r in rows] == [(0, 1.5), (1, 1.25)]
+    assert "x__count" not in rows[0] and rows[1]["wall_time"] >= rows[0]["wall_time"]
+    logger.close()
