@@ -59,3 +59,35 @@ def test_demo_with_the_plugins_own_audit(tmp_path, capsys):
         assert data["summary"][name]["audited_steps"] == 1
     assert "recompute_logp" not in data["per_step"]["a3po-paper"][2]  # the audit runs inside the update
     assert "Audit (actor.a3po.audit_interval=2)" in capsys.readouterr().out
+
+
+def test_learning_reward_by_hand():
+    import torch
+
+    from areal_a3po.toy import BOS_ID, VOCAB
+    from benchmarks.learning import reward
+
+    t = lambda *tokens: torch.tensor([[VOCAB.index(x) for x in tokens]])  # noqa: E731
+    prompt = torch.cat([torch.tensor([[BOS_ID]]), t("3", "7", "=")], dim=1)  # target: the digits reversed, 7 3
+    assert reward(prompt, t("7", "3")).item() == 1.0
+    # 5 is 2 away from 7: 1 - 2/9 = 0.7778; 3 exact: 1 -> mean 0.8889
+    assert reward(prompt, t("5", "3")).item() == pytest.approx((1 - 2 / 9 + 1) / 2, abs=1e-6)
+    assert reward(prompt, t("a", "3")).item() == 0.5  # a non-digit scores 0
+    assert reward(prompt, t("0", "9")).item() == pytest.approx((1 - 7 / 9 + 1 - 6 / 9) / 2, abs=1e-6)
+
+
+def test_learning_quick_check_runs_and_recompute_learns(tmp_path, capsys):
+    from benchmarks import learning
+
+    out, png = tmp_path / "learn.json", tmp_path / "learn.png"
+    result = learning.main(["--quick", "--json", str(out), "--plot", str(png)])  # exits 1 if reward does not rise
+    data = json.loads(out.read_text())
+    assert set(data["curves"]) == {"recompute", "a3po-paper"}
+    runs = data["curves"]["recompute"]
+    assert len(runs) == 1 and [p["step"] for p in runs[0]] == list(range(21))
+    versions_ok = all(0 <= p["staleness"] <= 4 for p in runs[0][1:])
+    assert versions_ok
+    s = result["summary"]["recompute"]
+    assert s["last3_reward"] > s["initial_reward"] + 0.1
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "quick check: recompute eval reward" in capsys.readouterr().out
