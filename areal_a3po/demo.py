@@ -31,10 +31,18 @@ VARIANTS = {
 }
 
 
+def _sync() -> None:
+    # GPU kernels run asynchronously: a phase has ended only when the device is idle.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def _timed(timings: dict[str, float] | None, key: str):
+    _sync()
     start = time.perf_counter()
     yield
+    _sync()
     if timings is not None:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 

@@ -1,6 +1,8 @@
 """Trainer-step time per phase: AReaL's recompute, AReaL's loglinear and A-3PO (both anchors).
 
     python -m benchmarks.step_time [--steps 30] [--json out.json] [--plot out.png]
+    python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape [--seq-len 1024 --seqs 16]
+    python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape --dry-run   # plan only (CPU)
 
 All variants train the same tiny Qwen2 (real AReaL FSDP actor, CPU) on stale batches generated the
 same way (``areal_a3po.demo``), interleaved step by step in one process so machine noise hits all
@@ -9,12 +11,21 @@ per-step ratio variant/recompute (median); the **limit ratio** (recompute step â
 recompute step, the best any approximation can do; and the interpolation's own cost, timed alone on
 a batch of the same size, as a share of the recompute step. CPU timings: ratios, not absolute times,
 are what carry over.
+
+``--model qwen2.5-1.5b-shape`` (or ``tiny-shape``) uses a random-initialised model of that shipped
+architecture (``areal_a3po/models``; nothing downloaded) and **one shared actor** whose
+``prox_logp_method`` is switched from variant to variant every step: one model and optimizer in
+memory instead of four, every variant timed on the same weights and the same batch. Its stale
+batches are the current policy's logprobs plus noise, tagged with versions up to ``--max-staleness``
+back (per-version weight snapshots of a 1.5B model do not fit); timing does not depend on the
+values. ``--device cuda`` runs in bfloat16 and synchronises the device at every phase boundary.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -101,17 +112,105 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+MODELS = {"toy": None, "qwen2.5-1.5b-shape": "qwen2.5-1.5b", "tiny-shape": "tiny"}
+
+
+def shared_run(shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, *, dtype="float32", progress=None) -> dict:
+    """The variants on one actor (``prox_logp_method`` switched per step) and a model of ``shape``."""
+    with tempfile.TemporaryDirectory(prefix="a3po-step-time-") as workdir:
+        return _shared_run(workdir, shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, dtype, progress)
+
+
+def _shared_run(workdir, shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, dtype, progress):
+    from areal.utils import stats_tracker
+
+    from areal_a3po.demo import VARIANTS as OPTIONS
+    from areal_a3po.demo import train_step
+    from areal_a3po.synthetic import build_synthetic_model
+    from areal_a3po.toy import Rollout, make_actor, random_tokens, token_logprobs
+
+    model = build_synthetic_model(f"{workdir}/model", shape, seed=seed)
+    actor = make_actor(model, prox_logp_method="a3po", ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len,
+                       lr=1e-6, dtype=dtype, pad_to_maximum=True)
+    g = torch.Generator().manual_seed(seed)
+    per_step: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    prompt_len = seq_len // 3
+    stats_tracker.export_all()
+    for step in range(steps):
+        ids, loss_mask = random_tokens(n_seqs, seq_len, prompt_len, seed=seed * 1000 + step)
+        d = torch.randint(0, min(max_staleness, step) + 1, (n_seqs, 1), generator=g)
+        versions = torch.where(loss_mask.bool(), step - d, -1)
+        behave = (token_logprobs(actor, ids) + 0.1 * torch.randn(ids.shape, generator=g)) * loss_mask
+        rollout = Rollout(ids, loss_mask, versions, behave, (torch.rand(n_seqs, generator=g) > 0.5).float())
+        order = VARIANTS[step % len(VARIANTS):] + VARIANTS[: step % len(VARIANTS)]  # no variant always goes first
+        for name in order:  # interleaved on the same weights and batch
+            options = OPTIONS[name]
+            actor.config.prox_logp_method = options["prox_logp_method"]
+            actor.config.a3po.anchor = options.get("anchor", "paper")
+            timings: dict[str, float] = {}
+            train_step(actor, rollout.trajectories(), version=step, timings=timings)
+            timings["total"] = sum(timings.values())
+            per_step[name].append(timings)
+            stats_tracker.export_all()
+            if progress is not None:
+                progress()
+    settings = dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len,
+                    seed=seed, model=shape, dtype=dtype, shared_actor=True)
+    return dict(settings=settings, per_step=per_step)
+
+
+def plan(args) -> str:
+    """What ``main`` would run, without building the model (``--dry-run``)."""
+    shape = MODELS[args.model]
+    lines = [f"device={args.device} model={args.model} steps={args.steps} batch={args.seqs}x{args.seq_len} tokens "
+             f"ppo_n_minibatches={args.minibatches} max_staleness={args.max_staleness} variants={list(VARIANTS)}"]
+    if shape is None:
+        lines.append("toy model: one actor per variant, each scored by its own weight snapshots (areal_a3po.demo)")
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from areal_a3po.synthetic import model_shape
+
+        spec = {k: v for k, v in model_shape(shape).items() if k != "torch_dtype"}
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**spec)).parameters())
+        lines.append(f"{shape}: {spec['num_hidden_layers']} layers, hidden {spec['hidden_size']}, vocab "
+                     f"{spec['vocab_size']}, {n / 1e9:.2f}B parameters, random init, dtype {_dtype(args)}; "
+                     "one shared actor, variants switched per step")
+    return "\n".join(lines)
+
+
+def _dtype(args) -> str:
+    return "bfloat16" if args.device == "cuda" else "float32"
+
+
 def main(argv: list[str] | None = None) -> dict:
     from areal_a3po.demo import run, run_args, stream_parser
 
     parser = stream_parser(__doc__, steps=30, seq_len=32)
     parser.add_argument("--plot", help="draw phase times per variant to this PNG")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODELS), default="toy",
+                        help="toy: the demo's tiny Qwen2; *-shape: a random model of a shipped architecture")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        print(plan(args))
+        return {"plan": plan(args)}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.step_time --device cuda: no CUDA device is visible here; "
+                         "run on a GPU machine, or use --device cpu (or --dry-run to see the plan).")
+    if args.device == "cpu" and args.model == "qwen2.5-1.5b-shape":
+        print("note: a 1.5B model on CPU takes minutes per step; --device cuda is what this shape is for")
 
     from tqdm import tqdm
 
     with tqdm(total=args.steps * len(VARIANTS), desc="steps x variants", unit="step") as bar:
-        result = run(*run_args(args), variants=VARIANTS, audit=False, progress=bar.update)
+        if MODELS[args.model] is None:
+            result = run(*run_args(args), variants=VARIANTS, audit=False, progress=bar.update)
+        else:
+            result = shared_run(MODELS[args.model], args.steps, args.max_staleness, args.minibatches, args.seqs,
+                                args.seq_len, args.seed, dtype=_dtype(args), progress=bar.update)
     summary = summarize(result, n_tokens=args.seqs * args.seq_len // args.minibatches)
     print(format_table(summary))
     out = dict(settings=result["settings"], summary=summary, per_step=result["per_step"])

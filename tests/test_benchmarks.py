@@ -91,3 +91,23 @@ def test_learning_quick_check_runs_and_recompute_learns(tmp_path, capsys):
     assert s["last3_reward"] > s["initial_reward"] + 0.1
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "quick check: recompute eval reward" in capsys.readouterr().out
+
+
+def test_step_time_gpu_mode_plan_and_its_cpu_path(tmp_path, capsys):
+    import torch
+
+    from benchmarks import step_time
+
+    step_time.main(["--device", "cuda", "--model", "qwen2.5-1.5b-shape", "--dry-run"])
+    assert "qwen2.5-1.5b: 28 layers, hidden 1536, vocab 151936, 1.54B parameters" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"--device cuda: no CUDA device is visible here"):
+            step_time.main(["--device", "cuda", "--steps", "1"])
+    # the shared-actor path of the GPU mode, on CPU with the tiny shape
+    out = tmp_path / "shared.json"
+    step_time.main(["--model", "tiny-shape", "--steps", "2", "--seqs", "2", "--seq-len", "12", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["settings"]["shared_actor"] and data["settings"]["model"] == "tiny"
+    assert set(data["per_step"]) == set(step_time.VARIANTS) and all(len(r) == 2 for r in data["per_step"].values())
+    assert data["summary"]["phases"]["recompute"]["recompute_logp"]["median"] > 0
+    assert data["summary"]["phases"]["a3po-paper"]["recompute_logp"]["median"] == 0
