@@ -22,17 +22,18 @@ DEFAULT_REWARD_FN = "areal.reward.gsm8k.gsm8k_reward_fn"
 WORKFLOW = "areal.workflow.rlvr.RLVRWorkflow"
 
 
-def main(argv: list[str]) -> None:
+def prepare(argv: list[str], environ=os.environ) -> dict:
+    """Everything ``main`` builds before the trainer: the config, the datasets and the workflow
+    arguments (with ``A3PO_SYNTHETIC`` set: the synthetic model, prompts and reward)."""
     from areal.dataset import get_custom_dataset
     from areal.utils.hf_utils import load_hf_tokenizer
     from areal.utils.stats_logger import StatsLogger
 
     from areal_a3po.config import load_config
-    from areal_a3po.trainer import A3POTrainer
 
     config, _ = load_config(argv)
-    shape = os.environ.get("A3PO_SYNTHETIC")
-    reward = os.environ.get("A3PO_REWARD_FN", DEFAULT_REWARD_FN)
+    shape = environ.get("A3PO_SYNTHETIC")
+    reward = environ.get("A3PO_REWARD_FN", DEFAULT_REWARD_FN)
     if shape:
         from areal_a3po.synthetic import build_synthetic_model, synthetic_dataset
 
@@ -65,12 +66,20 @@ def main(argv: list[str]) -> None:
         rollout_stat_scope="eval-rollout",
         dump_dir=os.path.join(log_dir, "generated-eval"),
     )
-    with A3POTrainer(config, train_dataset=train_dataset, valid_dataset=valid_dataset) as trainer:
+    return dict(config=config, train_dataset=train_dataset, valid_dataset=valid_dataset,
+                workflow_kwargs=workflow_kwargs, eval_workflow_kwargs=eval_workflow_kwargs)
+
+
+def main(argv: list[str]) -> None:
+    from areal_a3po.trainer import A3POTrainer
+
+    run = prepare(argv)
+    with A3POTrainer(run["config"], train_dataset=run["train_dataset"], valid_dataset=run["valid_dataset"]) as trainer:
         trainer.train(
             workflow=WORKFLOW,
-            workflow_kwargs=workflow_kwargs,
+            workflow_kwargs=run["workflow_kwargs"],
             eval_workflow=WORKFLOW,
-            eval_workflow_kwargs=eval_workflow_kwargs,
+            eval_workflow_kwargs=run["eval_workflow_kwargs"],
         )
 
 

@@ -69,3 +69,23 @@ def test_train_entry_point_validates_before_building_anything(tmp_path):
     )
     assert out.returncode != 0
     assert "actor.a3po.anchor='newest' is not an anchor" in out.stderr
+
+
+def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
+    # A3PO_SYNTHETIC=tiny: a random model of the shipped shape under <fileroot>/synthetic/tiny, every
+    # path that follows ${actor.path} pointing at it, synthetic prompts and the synthetic reward.
+    from areal.utils.hf_utils import load_hf_tokenizer
+
+    from areal_a3po.synthetic import reward_fn
+    from areal_a3po.train import prepare
+
+    argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3"]
+    run = prepare(argv, environ={"A3PO_SYNTHETIC": "tiny"})
+    config, model_dir = run["config"], str(tmp_path / "synthetic" / "tiny")
+    assert config.actor.path == config.tokenizer_path == config.sglang.model_path == model_dir
+    assert (tmp_path / "synthetic" / "tiny" / "model.safetensors").exists()
+    assert len(run["train_dataset"]) == 64 * 3  # batch_size x total_train_steps
+    assert run["workflow_kwargs"]["reward_fn"] == "areal_a3po.synthetic.reward_fn"
+    row = run["train_dataset"][0]
+    prompt = load_hf_tokenizer(config.tokenizer_path).apply_chat_template(row["messages"], tokenize=False)
+    assert reward_fn(prompt, row["answer"], [], [], row["answer"]) == 1.0
