@@ -21,6 +21,7 @@ Backends: ``A3POActorMixin`` swaps AReaL's ``PPOActor`` for ours in any AReaL PP
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -285,10 +286,7 @@ class A3POPPOActor(PPOActor):
 
     def __init__(self, config: Any, engine: Any):
         super().__init__(config, engine)
-        fb = config.a3po.fallback if self.a3po_enabled else None
-        self.fallback = FallbackState(
-            metric=fb.metric, threshold=fb.threshold, patience=fb.patience, recover_after=fb.recover_after
-        ) if fb is not None else FallbackState()
+        self.fallback = FallbackState(**dataclasses.asdict(config.a3po.fallback)) if self.a3po_enabled else FallbackState()
         self._warned_staleness = False
 
     @property
@@ -317,7 +315,7 @@ class A3POPPOActor(PPOActor):
 
     def recomputes(self, version: int) -> bool:
         """Whether this step runs AReaL's recompute forward (an audited step, or the fallback is active)."""
-        return self.is_audit_step(version) or (self.fallback.enabled and self.fallback.recomputing)
+        return self.is_audit_step(version) or self.fallback.recomputing
 
     def compute_advantages(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.a3po_enabled:
@@ -400,8 +398,7 @@ class A3POPPOActor(PPOActor):
             with stats_tracker.record_timing("a3po_recompute_logp"):
                 data["prox_logp"] = self._compute_logp(data)
         has_truth = data.get("prox_logp") is not None
-        recomputing = self.fallback.enabled and self.fallback.recomputing
-        step_audit = _StepAudit(use_truth=recomputing and has_truth)
+        step_audit = _StepAudit(use_truth=self.fallback.recomputing and has_truth)
         if has_truth:
             data[AREAL_VERSIONS_KEY] = torch.roll(data["versions"], shifts=1, dims=-1)  # undo our alignment
         engine = self.engine

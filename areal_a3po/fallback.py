@@ -66,7 +66,8 @@ class FallbackState:
 
     @property
     def recomputing(self) -> bool:
-        return self.mode == RECOMPUTE
+        """In recompute mode and enabled: a run resumed with the fallback turned off approximates."""
+        return self.enabled and self.mode == RECOMPUTE
 
     def observe(self, value: float, step: int) -> Transition | None:
         """Feed one audited value; returns the transition when the mode changes."""

@@ -143,13 +143,20 @@ def parameters(actor) -> torch.Tensor:
 
 def load_parameters(actor, flat: torch.Tensor) -> None:
     """Write a vector from ``parameters`` back into the actor's weights (world size 1)."""
+    _copy_flat(actor.model, flat)
+
+
+def _copy_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy ``flat`` into ``model``'s parameters in order (local shards of FSDP's DTensors)."""
     offset = 0
     with torch.no_grad():
-        for p in actor.model.parameters():
+        for p in model.parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             n = local.numel()
             local.copy_(flat[offset : offset + n].view_as(local).to(local.dtype))
             offset += n
+    if offset != flat.numel():
+        raise ValueError(f"weight vector has {flat.numel()} values, the model {offset}.")
 
 
 @dataclass
@@ -215,14 +222,7 @@ class Sampler:
         self.model.eval()
 
     def load(self, flat: torch.Tensor) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self.model.parameters():
-                n = p.numel()
-                p.copy_(flat[offset : offset + n].view_as(p).to(p.dtype))
-                offset += n
-        if offset != flat.numel():
-            raise ValueError(f"weight vector has {flat.numel()} values, the sampler's model {offset}.")
+        _copy_flat(self.model, flat)
 
     @torch.no_grad()
     def sample(self, prompts: torch.Tensor, new_tokens: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
