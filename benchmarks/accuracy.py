@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 
 import torch
+
+from benchmarks.output import save
 
 #: method label -> (interpolation of the actor that measures it, stats prefix under audit/)
 METHODS = {
@@ -214,13 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tqdm(total=total, desc="(n, d, interpolation)", unit="step") as bar:
         result = run(args.max_staleness, args.minibatches, args.seqs, args.prompt_len, args.new_tokens, args.lr, args.seed, progress=bar.update)
     print(format_tables(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    save(result, args.json, lambda path: plot(result, path), args.plot)
     return result
 
 

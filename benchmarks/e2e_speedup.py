@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.output import save
+
 METHODS = {
     "recompute": ["actor.prox_logp_method=recompute"],
     "a3po-paper": ["actor.prox_logp_method=a3po", "actor.a3po.anchor=paper"],
@@ -219,13 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     compare(results)
     print(format_table(results))
     out = dict(steps=args.steps, synthetic=args.synthetic, results=results, reported=REPORTED)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(results, args.plot)
-        print(f"wrote {args.plot}")
+    save(out, args.json, lambda path: plot(results, path), args.plot)
     return out
 
 

@@ -21,13 +21,14 @@ final reward and total trainer time (recompute forward + advantages + update, CP
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from benchmarks.output import save
 
 METHODS = {
     "recompute": dict(prox_logp_method="recompute"),
@@ -237,13 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["settings"]["seeds"] = list(range(args.seeds))
     result["wall_seconds"] = time.perf_counter() - start
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    save(result, args.json, lambda path: plot(result, path), args.plot)
     if args.quick:
         r = result["summary"]["recompute"]
         rose = r["last3_reward"] > r["initial_reward"] + 0.1

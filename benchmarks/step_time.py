@@ -23,12 +23,13 @@ values. ``--device cuda`` runs in bfloat16 and synchronises the device at every 
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 
 import torch
+
+from benchmarks.output import save
 
 PHASES = ("recompute_logp", "compute_advantage", "train_step", "total")
 VARIANTS = ("recompute", "areal-loglinear", "a3po-paper", "a3po-recompute")
@@ -214,13 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(result, n_tokens=args.seqs * args.seq_len // args.minibatches)
     print(format_table(summary))
     out = dict(settings=result["settings"], summary=summary, per_step=result["per_step"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(summary, args.plot)
-        print(f"wrote {args.plot}")
+    save(out, args.json, lambda path: plot(summary, path), args.plot)
     return out
 
 
