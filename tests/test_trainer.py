@@ -72,15 +72,16 @@ def test_train_entry_point_validates_before_building_anything(tmp_path):
 
 
 def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
-    # A3PO_SYNTHETIC=tiny: a random model of the shipped shape under <fileroot>/synthetic/tiny, every
+    # synthetic.model=tiny: a random model of the shipped shape under <fileroot>/synthetic/tiny, every
     # path that follows ${actor.path} pointing at it, synthetic prompts and the synthetic reward.
     from areal.utils.hf_utils import load_hf_tokenizer
 
     from areal_a3po.synthetic import reward_fn
     from areal_a3po.train import prepare
 
-    argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3"]
-    run = prepare(argv, environ={"A3PO_SYNTHETIC": "tiny"})
+    argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3",
+            "synthetic.model=tiny"]
+    run = prepare(argv)
     config, model_dir = run["config"], str(tmp_path / "synthetic" / "tiny")
     assert config.actor.path == config.tokenizer_path == config.sglang.model_path == model_dir
     assert (tmp_path / "synthetic" / "tiny" / "model.safetensors").exists()
