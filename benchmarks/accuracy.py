@@ -14,17 +14,28 @@ recompute path exactly) while the plugin's audit measures, in every minibatch j,
 interpolations, and AReaL's built-in ``loglinear`` (its formula on its unaligned versions).
 Reported: mean and max |Δ log π_prox|, behaviour-weight error |Δ π_prox/π_behave|, the share of
 tokens whose PPO clip decision differs, by staleness and by minibatch index.
+
+Next to the methods, an **oracle**: in each (n, d, j) bucket, the single α fitted after the fact to
+the truth (``oracle_alpha``: the α of log π̂ = α·log π_behave + (1 − α)·log π_θ with the least mean
+|Δ log π_prox| over the bucket's tokens, given the same π_behave, π_θ and recomputed π_prox the audit
+sees). It bounds from below what any one-α-per-bucket loglinear interpolation of these two inputs
+can reach; every method's error is also reported as a multiple of the oracle's, and the oracle's α
+next to the anchors' α.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
+from unittest import mock
 
 import torch
 
+from areal_a3po.audit import token_errors
+from areal_a3po.proximal import ANCHORS, loglinear_interpolation
 from benchmarks.output import save
 
 #: method label -> (interpolation of the actor that measures it, stats prefix under audit/)
@@ -37,6 +48,104 @@ METHODS = {
 }
 AUDIT = "ppo_actor/update/a3po/audit/"
 TARGET_METHOD, BASELINE = "a3po recompute/loglinear", "AReaL loglinear"
+#: The oracle's label (a row next to METHODS) and the anchors whose α is shown next to its fitted α.
+ORACLE, SHOWN_ANCHORS = "oracle", ("recompute", "paper")
+#: Errors this small count as equal in the ratios to the oracle (n = 1 gives exact zeros).
+RATIO_FLOOR = 1e-12
+
+
+def oracle_alpha(
+    behave: torch.Tensor, theta: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one α whose loglinear π̂_prox is closest to the truth on the masked tokens, and its error.
+
+    With b = log π_behave, θ = log π_θ (detached), p = the recomputed log π_prox, x = b − θ and
+    y = p − θ, it minimises over α (unconstrained)
+
+        E(α) = mean_t |α·b_t + (1 − α)·θ_t − p_t| = mean_t |α·x_t − y_t|
+             = (1/N)·( Σ_{x_t≠0} |x_t|·|α − y_t/x_t| + Σ_{x_t=0} |y_t| ),
+
+    a convex, piecewise linear function, so α* is the |x_t|-weighted median of r_t = y_t/x_t: with
+    r sorted ascending and C_i the running sum of the |x| in that order, α* = r_i for the first i
+    with C_i ≥ C_last/2 (the lower weighted median; where C_i = C_last/2 exactly, every α in
+    [r_i, r_{i+1}] is optimal). The best α within [0, 1] is clamp(α*, 0, 1), by convexity.
+
+    No masked-in token with x ≠ 0: E is constant and α* = 0 (π_θ). No masked-in token at all:
+    (NaN, NaN), like ``AuditTotals.reduce``. Masked-out positions may hold anything (NaN, ±inf).
+    Any shape, all four equal; float64, free of host syncs. Returns 0-d tensors (α*, E(α*)).
+    """
+    mask = mask.bool()
+    b, t, p = (torch.where(mask, v.detach().double(), 0.0) for v in (behave, theta, truth))
+    x, y = b - t, p - t
+    r = torch.where(x != 0, y / torch.where(x != 0, x, 1.0), 0.0).flatten()
+    r, order = r.sort()
+    cum = x.abs().flatten()[order].cumsum(0)
+    i = torch.searchsorted(cum, cum[-1:] / 2).clamp(max=cum.numel() - 1)
+    alpha = torch.where(cum[-1] > 0, r[i][0], 0.0)
+    alpha = torch.where(mask.any(), alpha, torch.nan)
+    return alpha, (alpha * x - y).abs().sum() / mask.sum()
+
+
+def over_oracle(error: float, oracle_error: float) -> float:
+    """A method's error as a multiple of the oracle's, (e + ε)/(e_oracle + ε) with ε = ``RATIO_FLOOR``."""
+    return (error + RATIO_FLOOR) / (oracle_error + RATIO_FLOOR)
+
+
+@contextlib.contextmanager
+def audited_inputs():
+    """Collect what the plugin's audit sees in each micro-batch while it runs unchanged.
+
+    Yields a list that fills with one dict per audited micro-batch: ``minibatch`` j, ``behave``,
+    ``theta`` (detached), ``truth`` (recomputed π_prox), ``tokens`` (the audited ones), ``advantages``
+    and the clip ε's. Wraps ``areal_a3po.actor._audit`` for the duration of the ``with`` only.
+    """
+    from areal_a3po import actor as plugin
+
+    audit, seen = plugin._audit, []
+
+    def capture(approx, truth, input_data, theta_logp, tokens, **kwargs):
+        seen.append(dict(
+            minibatch=kwargs["minibatch"], behave=input_data["logprobs"].detach().clone(), theta=theta_logp.detach().clone(),
+            truth=truth.detach().clone(), tokens=tokens.clone(), advantages=input_data["advantages"].detach().clone(),
+            eps_clip=kwargs["eps_clip"], eps_clip_higher=kwargs["eps_clip_higher"],
+        ))
+        return audit(approx, truth, input_data, theta_logp, tokens, **kwargs)
+
+    with mock.patch.object(plugin, "_audit", capture):
+        yield seen
+
+
+def _bucket_errors(parts: list[dict]) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+    """The oracle's α of one bucket (its micro-batches ``parts``) and its per-token errors, measured
+    like the audit measures the methods: log π̂ in the actor's dtype, then ``token_errors``."""
+    cat = lambda key: torch.cat([part[key].flatten() for part in parts])  # noqa: E731
+    b, t, p, tokens, advantages = (cat(k) for k in ("behave", "theta", "truth", "tokens", "advantages"))
+    alpha, _ = oracle_alpha(b, t, p, tokens)
+    approx = loglinear_interpolation(b.to(t.dtype), t, alpha.to(t.dtype))
+    errors = token_errors(approx, p, b, t, advantages, eps_clip=parts[0]["eps_clip"], eps_clip_higher=parts[0]["eps_clip_higher"])
+    return alpha.item(), errors, tokens
+
+
+def _oracle_cell(n: int, d: int, K: int, seen: list[dict]) -> dict:
+    """The oracle's cell for (n, d) from one step's audited micro-batches: per j its α and errors, and
+    over the step the token means of the same four figures as the methods' cells."""
+    alphas, by_minibatch, errors, tokens = [], [], [], []
+    for j in range(n):
+        alpha, errs, tok = _bucket_errors([part for part in seen if part["minibatch"] == j])
+        alphas.append(alpha)
+        by_minibatch.append((errs["abs_error"][tok].mean()).item())
+        errors.append(errs)
+        tokens.append(tok)
+    tok = torch.cat(tokens)
+    mean = lambda key: torch.cat([e[key] for e in errors])[tok].mean().item()  # noqa: E731
+    version = torch.tensor([K - d])
+    return dict(
+        minibatches=n, staleness=d, method=ORACLE,
+        abs_error=mean("abs_error"), max_abs_error=torch.cat([e["abs_error"] for e in errors])[tok].max().item(),
+        behave_weight_error=mean("behave_imp_weight_abs_error"), clip_disagreement=mean("clip_disagreement"),
+        by_minibatch=by_minibatch, alpha_by_minibatch=alphas,
+        anchor_alpha_by_minibatch={a: [ANCHORS.get(a)(version, K, j, n).item() for j in range(n)] for a in SHOWN_ANCHORS},
+    )
 
 
 def _sampled_batch(sampler, snapshot, *, version, n_seqs, prompt_len, new_tokens, seed):
@@ -101,8 +210,12 @@ def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, prog
                 actor.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
                 actor.config.a3po.interpolation = interpolation  # read by the next update
                 stats_tracker.export_all()
-                train_step(actor, rollout.trajectories(), version=K)
+                with audited_inputs() as seen:
+                    train_step(actor, rollout.trajectories(), version=K)
                 stats = stats_tracker.export_all()
+                if interpolation == "loglinear":  # the linear step trains identically: one oracle per (n, d)
+                    oracle = _oracle_cell(n, d, K, seen)
+                    cells.append(oracle)
                 for method, (interp, prefix) in METHODS.items():
                     if interp != interpolation:
                         continue
@@ -114,6 +227,10 @@ def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, prog
                         clip_disagreement=stats[f"{AUDIT}{prefix}clip_disagreement/avg"],
                         by_minibatch=[stats[f"{AUDIT}minibatch_{j}/{prefix}abs_error/avg"] for j in range(n)],
                     ))
+                    cells[-1]["over_oracle"] = over_oracle(cells[-1]["abs_error"], oracle["abs_error"])
+                    cells[-1]["over_oracle_by_minibatch"] = [
+                        over_oracle(e, o) for e, o in zip(cells[-1]["by_minibatch"], oracle["by_minibatch"])
+                    ]
                 if progress is not None:
                     progress()
         del actor
