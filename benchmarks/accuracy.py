@@ -19,8 +19,10 @@ Next to the methods, an **oracle**: in each (n, d, j) bucket, the single α fitt
 the truth (``oracle_alpha``: the α of log π̂ = α·log π_behave + (1 − α)·log π_θ with the least mean
 |Δ log π_prox| over the bucket's tokens, given the same π_behave, π_θ and recomputed π_prox the audit
 sees). It bounds from below what any one-α-per-bucket loglinear interpolation of these two inputs
-can reach; every method's error is also reported as a multiple of the oracle's, and the oracle's α
-next to the anchors' α.
+can reach (both a3po anchors with ``loglinear``); the ``linear`` form and AReaL's ``loglinear`` (whose
+α differs on each response's first token) are other families and may come out below it in a bucket.
+Every method's error is also reported as a multiple of the oracle's, and the oracle's α next to the
+anchors' α.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def oracle_alpha(
 
     No masked-in token with x ≠ 0: E is constant and α* = 0 (π_θ). No masked-in token at all:
     (NaN, NaN), like ``AuditTotals.reduce``. Masked-out positions may hold anything (NaN, ±inf).
-    Any shape, all four equal; float64, free of host syncs. Returns 0-d tensors (α*, E(α*)).
+    Any non-empty shape, all four equal; float64, free of host syncs. Returns 0-d tensors (α*, E(α*)).
     """
     mask = mask.bool()
     b, t, p = (torch.where(mask, v.detach().double(), 0.0) for v in (behave, theta, truth))
@@ -133,7 +135,7 @@ def _oracle_cell(n: int, d: int, K: int, seen: list[dict]) -> dict:
     for j in range(n):
         alpha, errs, tok = _bucket_errors([part for part in seen if part["minibatch"] == j])
         alphas.append(alpha)
-        by_minibatch.append((errs["abs_error"][tok].mean()).item())
+        by_minibatch.append(errs["abs_error"][tok].mean().item())
         errors.append(errs)
         tokens.append(tok)
     tok = torch.cat(tokens)
@@ -239,11 +241,13 @@ def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, prog
 
 
 def summarize(cells: list[dict]) -> dict:
-    """Per (n, method): mean error over staleness, per-minibatch means, and the two targets."""
+    """Per (n, method), the oracle included: mean error over staleness, per-minibatch means; each
+    method's error as a multiple of the oracle's; the oracle's α per (d, j) next to the anchors';
+    the same multiples over all (n, d); and the two targets."""
     out: dict = {"by_minibatches": {}}
     for n in sorted({c["minibatches"] for c in cells}):
         per_method = {}
-        for method in METHODS:
+        for method in (*METHODS, ORACLE):
             mine = [c for c in cells if c["minibatches"] == n and c["method"] == method]
             per_method[method] = dict(
                 abs_error=statistics.fmean(c["abs_error"] for c in mine),
@@ -252,7 +256,22 @@ def summarize(cells: list[dict]) -> dict:
                 clip_disagreement=statistics.fmean(c["clip_disagreement"] for c in mine),
                 by_minibatch=[statistics.fmean(c["by_minibatch"][j] for c in mine) for j in range(n)],
             )
+        oracle = per_method[ORACLE]
+        for method in METHODS:
+            s = per_method[method]
+            s["over_oracle"] = over_oracle(s["abs_error"], oracle["abs_error"])
+            s["over_oracle_by_minibatch"] = [over_oracle(e, o) for e, o in zip(s["by_minibatch"], oracle["by_minibatch"])]
+        # α on π_behave, [d][j]: the oracle's fit and the anchors'
+        mine = sorted((c for c in cells if c["minibatches"] == n and c["method"] == ORACLE), key=lambda c: c["staleness"])
+        oracle["alpha_by_staleness"] = {ORACLE: [c["alpha_by_minibatch"] for c in mine]} | {
+            f"anchor {a}": [c["anchor_alpha_by_minibatch"][a] for c in mine] for a in SHOWN_ANCHORS
+        }
         out["by_minibatches"][str(n)] = per_method
+    mean_of = lambda method: statistics.fmean(c["abs_error"] for c in cells if c["method"] == method)  # noqa: E731
+    out["overall"] = {
+        "oracle_abs_error": mean_of(ORACLE),
+        "over_oracle": {method: over_oracle(mean_of(method), mean_of(ORACLE)) for method in METHODS},
+    }
     one = out["by_minibatches"].get("1")
     four = out["by_minibatches"].get("4")
     out["targets"] = {
@@ -268,18 +287,35 @@ def format_tables(result: dict) -> str:
     cells, K = result["cells"], result["settings"]["max_staleness"]
     lines = []
     for n, per_method in result["summary"]["by_minibatches"].items():
+        d_columns = "".join(f"{'d=' + str(d):>9}" for d in range(K + 1))
         lines.append(f"\nppo_n_minibatches={n}: mean |Δ log π_prox| by staleness d")
-        lines.append(f"{'method':<26}" + "".join(f"{'d=' + str(d):>9}" for d in range(K + 1)) + f"{'all':>10}{'max':>10}{'|Δ w|':>10}{'clip≠':>8}")
+        lines.append(f"{'method':<26}" + d_columns + f"{'all':>10}{'max':>10}{'|Δ w|':>10}{'clip≠':>8}")
         for method, s in per_method.items():
             row = {c["staleness"]: c["abs_error"] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
             lines.append(
                 f"{method:<26}" + "".join(f"{row[d]:>9.1e}" for d in range(K + 1))
                 + f"{s['abs_error']:>10.2e}{s['max_abs_error']:>10.2e}{s['behave_weight_error']:>10.2e}{s['clip_disagreement']:>8.2%}"
             )
+        lines.append(f"{'error ÷ oracle error':<26}" + d_columns + f"{'all':>10}")
+        for method in METHODS:
+            row = {c["staleness"]: c["over_oracle"] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
+            lines.append(f"{method:<26}" + "".join(f"{row[d]:>9.3g}" for d in range(K + 1)) + f"{per_method[method]['over_oracle']:>10.3g}")
         if int(n) > 1:
             lines.append(f"  by minibatch j (mean over d): " + "; ".join(
                 f"{m}: " + " ".join(f"{e:.1e}" for e in s["by_minibatch"]) for m, s in per_method.items()
             ))
+            lines.append(f"  by minibatch j, error ÷ oracle error: " + "; ".join(
+                f"{m}: " + " ".join(f"{r:.3g}" for r in per_method[m]["over_oracle_by_minibatch"]) for m in METHODS
+            ))
+        lines.append(f"{'α on π_behave, per j':<26}" + d_columns + "   (oracle: fitted to the truth; anchors: their formulas)")
+        alphas = per_method[ORACLE]["alpha_by_staleness"]
+        for j in range(int(n)):
+            for name, by_d in alphas.items():
+                lines.append(f"{f'j={j} {name}':<26}" + "".join(f"{by_d[d][j] + 0.0:>9.3f}" for d in range(K + 1)))
+    overall = result["summary"]["overall"]
+    lines.append(f"\noracle (one α per (n, d, j), fitted to the truth): mean |Δ log π_prox| over all (n, d) "
+                 f"{overall['oracle_abs_error']:.2e}")
+    lines.append("error ÷ oracle error over all (n, d): " + "; ".join(f"{m} {r:.3g}" for m, r in overall["over_oracle"].items()))
     t = result["summary"]["targets"]
     if t["recompute_anchor_max_error_1_minibatch"] is not None:
         ok = t["recompute_anchor_max_error_1_minibatch"] <= 1e-6
@@ -292,21 +328,34 @@ def format_tables(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
+    """Top: error vs staleness, one line per method and the oracle (dashed). Bottom: the oracle's α
+    per minibatch j (markers) and the recompute anchor's (dashed, same colour) and the paper's (grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = result["summary"]["by_minibatches"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], groups):
-        for method in METHODS:
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey="row")
+    for col, n in enumerate(groups):
+        ax = axes[0][col]
+        for method in (*METHODS, ORACLE):
             pts = sorted((c["staleness"], c["abs_error"]) for c in result["cells"] if c["minibatches"] == int(n) and c["method"] == method)
-            ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", ms=3, label=method)
+            style = dict(color="black", ls="--") if method == ORACLE else {}
+            ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", ms=3, label=method, **style)
         ax.set_yscale("log")
         ax.set_title(f"ppo_n_minibatches={n}")
+        alphas = groups[n][ORACLE]["alpha_by_staleness"]
+        ax = axes[1][col]
+        ds = range(len(alphas[ORACLE]))
+        ax.plot(ds, [a[0] for a in alphas["anchor paper"]], color="grey", lw=1, label="anchor paper")
+        for j in range(int(n)):
+            line, = ax.plot(ds, [a[j] for a in alphas[ORACLE]], marker="o", ms=3, ls="none", label=f"oracle j={j}")
+            ax.plot(ds, [a[j] for a in alphas["anchor recompute"]], color=line.get_color(), ls="--", lw=1, label=f"anchor recompute j={j}")
         ax.set_xlabel("staleness d = k − v")
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("mean |Δ log π_prox| (floor 1e-9)")
+    axes[1][0].set_ylabel("α on π_behave")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
