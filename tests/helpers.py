@@ -29,6 +29,17 @@ RUN_PROCESS_WORDS = ("areal", "vllm", "ray", "raylet", "gcs_server", "rpc_server
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """This process's environment as a user's shell would have it: without the SPMD variables the
+    in-process actor tests set (``toy.setup_single_process_env``: AREAL_SPMD_MODE, MASTER_PORT, …),
+    which would put a run in SPMD mode on a port this process holds, and without RAY_ADDRESS."""
+    from benchmarks.e2e_speedup import without_spmd_env
+
+    env = {**without_spmd_env(os.environ), "PATH": BARE_PATH, **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @dataclass
 class Run:
     """One finished (or killed) run: its exit status, output and the stats AReaL committed."""
@@ -80,8 +91,7 @@ def train(workdir: Path, trial: str, *overrides: str, kill_after_step: int | Non
     # Stats of earlier legs of the same trial are in the same file: count them.
     pattern = f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl"
     cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(workdir, trial), *overrides]
-    env = dict(os.environ, PATH=BARE_PATH, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
+    env = user_env(PYTHONUNBUFFERED="1")
     killed = False
     with open(out, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())

@@ -58,8 +58,18 @@ def test_stats_are_summarised_and_compared(tmp_path):
     assert asum["recompute_logp_seconds"] == 0.0 and asum["eval_reward"] == 0.7
     assert rs["task_reward"] == pytest.approx(0.3)
     assert results["a3po"]["speedup"] == pytest.approx(1.25) and results["a3po"]["time_saved"] == pytest.approx(0.2)
-    table = e2e_speedup.format_table(results)
-    assert "1.25" in table and "20%" in table and "reported elsewhere (not measured here)" in table
+    # share of the recompute phase kept: (T_rec - T) / R_rec = (10 - 8) / 2.5 = 0.8
+    assert results["a3po"]["kept"] == pytest.approx(0.8)
+    for r, f in zip(results.values(), ("r.jsonl", "a.jsonl")):
+        r["config_file"] = f
+    agg = e2e_speedup.aggregate(results)
+    # recompute phase 2.5 of a 10 s step = 25%; the limit for dropping it: 0.75 x the step
+    assert agg["r:recompute"]["recompute_share"]["median"] == pytest.approx(0.25)
+    assert agg["r:recompute"]["limit_ratio"]["median"] == pytest.approx(0.75)
+    assert agg["a:a3po-paper"]["speedup"]["median"] == pytest.approx(1.25)
+    assert agg["a:a3po-paper"]["first_reward"]["median"] == 0.0 and agg["a:a3po-paper"]["last_reward"]["median"] == pytest.approx(0.3)
+    table = e2e_speedup.format_table(results, agg)
+    assert "1.250" in table and "80%" in table and "25.0%" in table and "reported elsewhere (not measured here)" in table
     e2e_speedup.plot(results, str(tmp_path / "e2e.png"))
     assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -77,10 +87,13 @@ def test_synthetic_model_tokenizer_and_reward(tmp_path):
     prompt = tok.apply_chat_template(row["messages"], tokenize=False)
     assert prompt == row["messages"][0]["content"] + " "
     assert tok.decode(tok(prompt)["input_ids"]).split() == prompt.split()
-    # answer "a b c d": a completion matching 3 of 4 positions (extra tokens ignored) scores 3/4
-    want = row["answer"].split()
-    wrong = str((int(want[2]) + 1) % 10)
-    assert reward_fn(prompt, " ".join(want[:2] + [wrong, want[3], "<t99>"]), [], [], row["answer"]) == 0.75
+    assert reward_fn(prompt, row["answer"], [], [], row["answer"]) == 1.0
+    # answer "4 1 3 2", position by position 1 - |g - a|/9 for a digit, 0 otherwise, mean of 4:
+    # "4 1 5 2 <t9>" -> (1 + 1 + (1 - 2/9) + 1)/4 = 34/36 (the extra token is ignored)
+    assert reward_fn(prompt, "4 1 5 2 <t9>", [], [], "4 1 3 2") == pytest.approx(34 / 36, abs=1e-12)
+    # "4 <t9> 3" -> (1 + 0 + 1 + missing 0)/4 = 0.5; "13" is not a digit token -> 0
+    assert reward_fn(prompt, "4 <t9> 3", [], [], "4 1 3 2") == 0.5
+    assert reward_fn(prompt, "13 1 3 2", [], [], "4 1 3 2") == 0.75
     assert reward_fn(prompt, "", [], [], row["answer"]) == 0.0
     assert model_shape("qwen2.5-1.5b")["hidden_size"] == 1536
     with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-tiny', 'qwen2.5-1.5b', 'tiny'\]"):
@@ -103,3 +116,10 @@ def test_trainer_mirrors_committed_stats_to_jsonl(tmp_path):
     assert [(r["global_step"], r["timeperf/train_step"]) for r in rows] == [(0, 1.5), (1, 1.25)]
     assert "x__count" not in rows[0] and rows[1]["wall_time"] >= rows[0]["wall_time"]
     logger.close()
+
+
+def test_repetitions_alternate_the_order_and_core_lists_parse():
+    plans = [["rec", "a3po"], ["rec", "a3po"], ["rec", "a3po"]]
+    assert [(rep, r) for rep, r in e2e_speedup.order(plans)] == [
+        (0, "rec"), (0, "a3po"), (1, "a3po"), (1, "rec"), (2, "rec"), (2, "a3po")]
+    assert e2e_speedup._cpu_list("0-2,5") == {0, 1, 2, 5} and e2e_speedup._cpu_list("1") == {1}
