@@ -183,7 +183,7 @@ def _audit(
 
     Also the other anchor (same interpolation) under ``audit/anchor_<name>/`` and AReaL's built-in
     ``loglinear`` (its formula on its unaligned versions) under ``audit/areal_loglinear/``; the
-    active method's ``abs_error`` and the behaviour gap |log π_behave − log π_prox| per staleness
+    ``abs_error`` of every method and the behaviour gap |log π_behave − log π_prox| per staleness
     under ``audit/staleness_<d>/``, and every method's
     ``abs_error`` per minibatch under ``audit/minibatch_<j>/``.
     """
@@ -227,7 +227,7 @@ def _audit(
             stats_tracker.stat(**{f"audit/{prefix}{k}": v for k, v in masked(errs).items()}, denominator="audit/tokens")
         stats_tracker.stat(**{f"{mb_key}/{prefix}abs_error": masked(errs)["abs_error"]}, denominator=f"{mb_key}/tokens")
 
-    # Per staleness d: the active method's error, and |log π_behave − log π_prox| (the recomputed truth).
+    # Per staleness d: every method's error, and |log π_behave − log π_prox| (the recomputed truth).
     # For d = 0 in minibatch 0 the two policies have the same weights, so that gap is the mismatch
     # between the inference engine's logprobs and the trainer's (numerics, dtype, kernels).
     d = staleness(versions, current_version)
@@ -237,7 +237,8 @@ def _audit(
         sel = tokens & (d == value)
         stats_tracker.denominator(**{f"{key}/tokens": sel})
         stats_tracker.stat(
-            **{f"{key}/abs_error": torch.where(sel, mine["abs_error"], zero), f"{key}/behave_gap": torch.where(sel, behave_gap, zero)},
+            **{f"{key}/{prefix}abs_error": torch.where(sel, errs["abs_error"], zero) for prefix, errs in by_method.items()},
+            **{f"{key}/behave_gap": torch.where(sel, behave_gap, zero)},
             denominator=f"{key}/tokens",
         )
 

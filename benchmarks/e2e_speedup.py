@@ -261,20 +261,27 @@ def plot(results: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
+#: Programs of the shell pipeline AReaL wraps each worker in (they only copy its output to log files).
+LOG_PLUMBING = ("bash", "sh", "tee", "sed", "stdbuf")
+
+
 def thread_cores(root_pid: int) -> dict[str, list[int]]:
     """Cores each part of a running experiment may use, read from every thread's ``Cpus_allowed_list``.
 
     Parts: the trainer (AReaL's worker with ``--role actor`` and everything under it), the server
-    side (the rollout worker, the vLLM server and its engine processes) and the controller.
+    side (the rollout workers, the vLLM server and its engine processes), the controller, and the
+    shell pipeline that copies each worker's output to its log files.
     """
     import psutil
 
     def role(proc) -> str:
+        if os.path.basename((proc.cmdline() or [""])[0]) in LOG_PLUMBING:
+            return "log plumbing"  # AReaL's `bash -c '... | tee ... >(sed ...)'` around each worker
         for p in [proc, *proc.parents()]:
-            cmd = " ".join(p.cmdline())
-            if "--role actor" in cmd:
-                return "trainer"
-            if "--role rollout" in cmd or "--role eval-rollout" in cmd or "areal_vllm_server" in cmd:
+            argv = p.cmdline()
+            if "--role" in argv[:-1]:
+                return "trainer" if argv[argv.index("--role") + 1] == "actor" else "server"
+            if any("areal_vllm_server" in a for a in argv):
                 return "server"
             if p.pid == root_pid:
                 return "controller"

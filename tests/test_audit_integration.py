@@ -73,6 +73,7 @@ def test_audit_interval_logs_the_errors_computed_here(tiny_model, anchor):
         assert stats[PREFIX + "staleness_3/abs_error/avg"] == pytest.approx(e.abs()[d3].mean().item(), rel=1e-4)
         # the behaviour gap |log π_behave − log π_prox| on the same tokens
         assert stats[PREFIX + "staleness_3/behave_gap/avg"] == pytest.approx((b - p).abs()[d3].mean().item(), rel=1e-4)
+        assert stats[PREFIX + "staleness_3/anchor_recompute/abs_error/avg"] == 0.0  # exact with one minibatch
     # the comparisons are logged on the same tokens
     other = "recompute" if anchor == "paper" else "paper"
     assert (PREFIX + f"anchor_{other}/abs_error/avg") in stats

@@ -123,3 +123,24 @@ def test_repetitions_alternate_the_order_and_core_lists_parse():
     assert [(rep, r) for rep, r in e2e_speedup.order(plans)] == [
         (0, "rec"), (0, "a3po"), (1, "a3po"), (1, "rec"), (2, "rec"), (2, "a3po")]
     assert e2e_speedup._cpu_list("0-2,5") == {0, 1, 2, 5} and e2e_speedup._cpu_list("1") == {1}
+
+
+def test_mismatch_summary_weights_by_tokens():
+    from benchmarks import mismatch
+
+    A = mismatch.AUDIT
+    # d = 0: 10 tokens with gap 1e-3, then 30 with gap 3e-3 -> (10 x 1e-3 + 30 x 3e-3) / 40 = 2.5e-3;
+    # the paper anchor's error at d = 1 only in the second step. Stats are AReaL's step averages (/avg).
+    rows = [
+        {A + "staleness_0/tokens": 10, A + "staleness_0/behave_gap/avg": 1e-3, A + "staleness_0/abs_error/avg": 0.0,
+         A + "minibatch_0/tokens": 10, A + "minibatch_0/abs_error/avg": 0.0},
+        {A + "staleness_0/tokens": 30, A + "staleness_0/behave_gap/avg": 3e-3, A + "staleness_0/abs_error/avg": 0.0,
+         A + "staleness_1/tokens": 5, A + "staleness_1/anchor_paper/abs_error/avg": 0.2,
+         A + "minibatch_0/tokens": 35, A + "minibatch_0/abs_error/avg": 0.01},
+    ]
+    s = mismatch.summarize(rows)
+    assert s["by_staleness"][0]["behave_gap"] == pytest.approx(2.5e-3) and s["by_staleness"][0]["tokens"] == 40
+    assert s["by_staleness"][1]["a3po paper"] == pytest.approx(0.2) and s["by_staleness"][1]["a3po recompute"] is None
+    # minibatch 0: (10 x 0 + 35 x 0.01) / 45
+    assert s["by_minibatch"][0]["a3po recompute"] == pytest.approx(0.35 / 45)
+    assert "2.50e-03" in mismatch.format_tables({"x": s})
