@@ -133,3 +133,15 @@ def test_step_time_gpu_mode_plan_and_its_cpu_path(tmp_path, capsys):
     assert set(data["per_step"]) == set(step_time.VARIANTS) and all(len(r) == 2 for r in data["per_step"].values())
     assert data["summary"]["phases"]["recompute"]["recompute_logp"]["median"] > 0
     assert data["summary"]["phases"]["a3po-paper"]["recompute_logp"]["median"] == 0
+
+
+def test_gpu_phases_runs_its_cuda_path_on_cpu(tmp_path):
+    # The same code as on a GPU (device "cpu": no CUDA synchronisation), on the tiny CPU shape.
+    from benchmarks import gpu_phases
+
+    res = gpu_phases.main(["--device", "cpu", "--shape", "cpu-tiny", "--seqs", "2", "--seq-len", "16", "--repeats", "2",
+                           "--json", str(tmp_path / "g.json")])
+    assert set(res["median_seconds"]) == {"recompute", "train", "a3po paper", "a3po recompute"}
+    r, t = res["median_seconds"]["recompute"], res["median_seconds"]["train"]
+    assert res["recompute_share"] == pytest.approx(r / (r + t))
+    assert json.loads((tmp_path / "g.json").read_text())["seqs"] == 2
