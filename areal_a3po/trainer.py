@@ -84,7 +84,10 @@ class A3POTrainer(PPOTrainer):
             # AReaL 1.0.4 leaves the workers it has started running when its __init__ fails (there
             # is no trainer to close yet); stop them here.
             if getattr(self, "scheduler", None) is not None:
-                self.scheduler.delete_workers()
+                try:
+                    self.scheduler.delete_workers()
+                except Exception as cleanup_error:  # keep the original error; main() still stops children
+                    logger.warning("could not stop AReaL's workers after a failed start: %s", cleanup_error)
             if "launch_server" in str(exc):
                 raise ServerLaunchError(_server_launch_message(config, exc)) from exc
             raise

@@ -168,6 +168,33 @@ def test_server_that_does_not_come_up_fails_fast_with_the_fix_and_leaves_nothing
     assert not leftovers, leftovers
 
 
+def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
+    # What a scheduler or `kill` sends: the controller alone gets SIGTERM once training has begun.
+    import signal
+    import time
+
+    from helpers import stats_rows
+
+    cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "term"),
+           "total_train_steps=50"]
+    with no_orphans() as leftovers, open(tmp_path / "term.out", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(stats_rows(__import__("pathlib").Path(p)) for p in glob.glob(f"{tmp_path}/fileroot/logs/*/*/term/stats.jsonl")):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.out").read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert rc == 128 + signal.SIGTERM
+    assert "interrupted; stopping the run's workers and server" in (tmp_path / "term.out").read_text()
+    assert not leftovers, leftovers
+
+
 def _train_exit(tmp_path, *overrides):
     cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "bad"), *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=user_env(), timeout=120)
