@@ -94,8 +94,16 @@ def log_dir(config) -> str:
 
 
 def read_stats(path: str | os.PathLike) -> list[dict]:
+    """The committed stats rows; a line that does not parse is skipped: the one AReaL is still
+    writing while a run is being watched, or the last one of a run that was killed."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def _first(row: dict, *patterns: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -65,13 +64,10 @@ class Run:
 
 
 def stats_rows(path: Path | None) -> list[dict]:
-    if path is None or not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a SIGKILL
-            rows.append(json.loads(line))
-    return rows
+    """The run's committed stats so far ([] before AReaL has written any)."""
+    from benchmarks.e2e_speedup import read_stats
+
+    return read_stats(path) if path is not None and path.exists() else []
 
 
 def experiment_overrides(workdir: Path, trial: str) -> list[str]:

@@ -144,3 +144,10 @@ def test_mismatch_summary_weights_by_tokens():
     # minibatch 0: (10 x 0 + 35 x 0.01) / 45
     assert s["by_minibatch"][0]["a3po recompute"] == pytest.approx(0.35 / 45)
     assert "2.50e-03" in mismatch.format_tables({"x": s})
+
+
+def test_read_stats_skips_a_line_being_written(tmp_path):
+    # A watched run's last line may be half written (or cut by a kill): the rows before it count.
+    path = tmp_path / "stats.jsonl"
+    path.write_text('{"global_step": 0, "wall_time": 1.0}\n{"global_step": 1, "wall_time": 2.0}\n{"global_st')
+    assert [r["global_step"] for r in e2e_speedup.read_stats(path)] == [0, 1]

@@ -173,6 +173,8 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
     import signal
     import time
 
+    from pathlib import Path
+
     from helpers import stats_rows
 
     cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "term"),
@@ -181,7 +183,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
         proc = subprocess.Popen(cmd, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while not any(stats_rows(__import__("pathlib").Path(p)) for p in glob.glob(f"{tmp_path}/fileroot/logs/*/*/term/stats.jsonl")):
+            while not any(stats_rows(Path(p)) for p in glob.glob(f"{tmp_path}/fileroot/logs/*/*/term/stats.jsonl")):
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.out").read_text()[-3000:]
                 time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
