@@ -15,7 +15,7 @@ from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
-from areal_a3po.synthetic import MODEL_SHAPES as SYNTHETIC_MODELS
+from benchmarks.harness.models import SHAPES as SYNTHETIC_MODELS
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.

@@ -46,17 +46,18 @@ def prepare(argv: list[str]) -> dict:
     config, _ = load_config(argv)
     reward = os.environ.get("A3PO_REWARD_FN", DEFAULT_REWARD_FN)
     if config.synthetic.enabled:
-        from areal_a3po.synthetic import build_synthetic_model, synthetic_dataset
+        from benchmarks.harness.models import build_model
+        from benchmarks.harness.tasks import reversal_dataset
 
         shape = config.synthetic.model
         model_dir = synthetic_model_dir(config, shape)
         if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            build_synthetic_model(model_dir, shape)
+            build_model(model_dir, shape)
         config, _ = load_config([*argv, f"actor.path={model_dir}"])  # tokenizer/rollout paths follow ${actor.path}
-        reward = "areal_a3po.synthetic.reward_fn"
+        reward = "benchmarks.harness.tasks.reward_fn"
         steps = config.total_train_steps or 1000
-        train_dataset = synthetic_dataset(config.train_dataset.batch_size * steps, seed=config.seed)
-        valid_dataset = synthetic_dataset(256, seed=config.seed + 1) if config.valid_dataset else None
+        train_dataset = reversal_dataset(config.train_dataset.batch_size * steps, seed=config.seed)
+        valid_dataset = reversal_dataset(256, seed=config.seed + 1) if config.valid_dataset else None
     else:
         from areal.dataset import get_custom_dataset
         from areal.utils.hf_utils import load_hf_tokenizer

@@ -6,7 +6,7 @@ Realistic staleness on the real AReaL FSDP actor (tiny Qwen2, CPU): for each n, 
 first trained for ``--max-staleness`` steps (AReaL's recompute with ``ppo_n_minibatches`` n, on its
 own samples, rewarded for emitting digits) to get weight snapshots at versions 0..K. Then, for each staleness d and each ``ppo_n_minibatches`` n, a fresh actor at
 version k = K takes one PPO step on a batch **sampled** by the snapshot k − d (the toy inference
-engine, ``areal_a3po.toy.Sampler``; every response token has version k − d, prompt −1).
+engine, ``benchmarks.harness.streams.Sampler``; every response token has version k − d, prompt −1).
 
 The step trains on the recomputed π_prox (the plugin's fallback mode, so θ follows AReaL's
 recompute path exactly) while the plugin's audit measures, in every minibatch j, each method's
@@ -38,6 +38,7 @@ import torch
 
 from areal_a3po.audit import token_errors
 from areal_a3po.proximal import ANCHORS, loglinear_interpolation
+from benchmarks.harness.tasks import digit_share
 from benchmarks.output import save
 
 #: method label -> (interpolation of the actor that measures it, stats prefix under audit/)
@@ -151,7 +152,8 @@ def _oracle_cell(n: int, d: int, K: int, seen: list[dict]) -> dict:
 
 
 def _sampled_batch(sampler, snapshot, *, version, n_seqs, prompt_len, new_tokens, seed):
-    from areal_a3po.toy import VOCAB, Rollout
+    from benchmarks.harness.models import VOCAB
+    from benchmarks.harness.streams import Rollout
 
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, len(VOCAB), (n_seqs, prompt_len), generator=g)
@@ -160,16 +162,7 @@ def _sampled_batch(sampler, snapshot, *, version, n_seqs, prompt_len, new_tokens
     loss_mask = torch.zeros_like(ids, dtype=torch.int32)
     loss_mask[:, prompt_len:] = 1
     versions = torch.where(loss_mask.bool(), version, -1)
-    return Rollout(ids, loss_mask, versions, logprobs, digit_reward(ids[:, prompt_len:]))
-
-
-def digit_reward(responses: torch.Tensor) -> torch.Tensor:
-    """Share of response tokens that are digits: a reward the policy can learn, so that it drifts in
-    a consistent direction from version to version, as a policy that is learning does."""
-    from areal_a3po.toy import VOCAB
-
-    digits = torch.tensor([VOCAB.index(str(i)) for i in range(10)])
-    return torch.isin(responses, digits).float().mean(-1)
+    return Rollout(ids, loss_mask, versions, logprobs, digit_share(ids[:, prompt_len:]))
 
 
 def run(max_staleness=8, minibatches=(1, 2, 4), n_seqs=16, prompt_len=8, new_tokens=16, lr=2e-3, seed=0, progress=None) -> dict:
@@ -180,10 +173,12 @@ def run(max_staleness=8, minibatches=(1, 2, 4), n_seqs=16, prompt_len=8, new_tok
 def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, progress):
     from areal.utils import stats_tracker
 
-    from areal_a3po.demo import train_step
-    from areal_a3po.toy import Sampler, build_tiny_model, load_parameters, make_actor, parameters
+    from benchmarks.harness.actor import train_step
+    from benchmarks.harness.streams import Sampler
+    from benchmarks.harness.models import build_model
+    from benchmarks.harness.actor import load_parameters, make_actor, parameters
 
-    model = build_tiny_model(f"{workdir}/model", seed=seed)
+    model = build_model(f"{workdir}/model", "toy", seed=seed)
     seq_len = prompt_len + new_tokens
     sampler = Sampler(model)
     batch = dict(n_seqs=n_seqs, prompt_len=prompt_len, new_tokens=new_tokens)

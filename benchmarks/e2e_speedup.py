@@ -389,13 +389,14 @@ def dry_run(runs: list[dict], synthetic: str | None) -> None:
         print(f"  would run: {env + ' ' if env else ''}{' '.join(run['command'])}")
         print(f"  stats from: {os.path.join(log_dir(c), 'stats.jsonl')}")
     if synthetic:
-        from areal_a3po.synthetic import build_synthetic_model, model_shape, reward_fn, synthetic_dataset
+        from benchmarks.harness.models import build_model, model_shape
+        from benchmarks.harness.tasks import reward_fn, reversal_dataset
         from transformers import AutoTokenizer
 
         with tempfile.TemporaryDirectory() as d:
-            build_synthetic_model(d, synthetic, weights=False)
+            build_model(d, synthetic, weights=False)
             tok = AutoTokenizer.from_pretrained(d)
-            row = synthetic_dataset(1)[0]
+            row = reversal_dataset(1)[0]
             text = tok.apply_chat_template(row["messages"], tokenize=False)
             ids = tok(text)["input_ids"]
             assert reward_fn(text, row["answer"], ids, [], row["answer"]) == 1.0

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_phases [--seqs 8] [--seq-len 2048] [--repeats 10] [--json out.json]
 
-A random model of Qwen2.5-1.5B-Instruct's shape (``areal_a3po/models/qwen2.5-1.5b.json``, bf16,
+A random model of Qwen2.5-1.5B-Instruct's shape (``benchmarks/harness/shapes/qwen2.5-1.5b.json``, bf16,
 SDPA attention, gradient checkpointing off) on one CUDA device, one micro-batch of ``--seqs`` ×
 ``--seq-len`` tokens. Timed, interleaved in each repetition, CUDA-synchronised:
 
@@ -37,7 +37,7 @@ def run(seqs: int = 8, seq_len: int = 2048, repeats: int = 10, warmup: int = 3, 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from areal_a3po.proximal import approximate_prox_logp
-    from areal_a3po.synthetic import model_shape
+    from benchmarks.harness.models import model_shape
 
     spec = model_shape(shape)
     dtype = getattr(torch, spec.pop("torch_dtype", "bfloat16"))
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shipped shape (areal_a3po/models)")
+    parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shape in benchmarks/harness/shapes")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     res = run(args.seqs, args.seq_len, args.repeats, device=args.device, shape=args.shape)

@@ -10,7 +10,7 @@ trained from scratch with the real AReaL FSDP actor (the plugin's class), the de
 group-normalised rewards (``--group`` samples per prompt) and batch-normalised advantages.
 
 Staleness as in an asynchronous run: at step s, each prompt group is sampled (``transformers`` on
-CPU, ``areal_a3po.toy.Sampler``) from that method's own weights of version s − d, with d drawn
+CPU, ``benchmarks.harness.streams.Sampler``) from that method's own weights of version s − d, with d drawn
 uniformly up to ``--max-staleness``; every response token is tagged with version s − d and prompt
 tokens with −1, as AReaL's inference engine does. Methods share seeds (prompts, staleness draws,
 initial weights) and are interleaved step by step. Reported per method: reward of the current
@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from benchmarks.harness.tasks import reversal_prompts, token_reward
 from benchmarks.output import save
 
 METHODS = {
@@ -41,40 +42,21 @@ DEFAULT_METHODS = ("recompute", "a3po-paper", "a3po-recompute", "areal-loglinear
 N_DIGITS = 2
 
 
-def _digit_ids() -> torch.Tensor:
-    from areal_a3po.toy import VOCAB
-
-    return torch.tensor([VOCAB.index(str(i)) for i in range(10)])
-
-
 def make_prompts(n: int, generator: torch.Generator) -> torch.Tensor:
     """``<bos> d1 .. dN =`` as token ids, [n, N_DIGITS + 2]."""
-    from areal_a3po.toy import BOS_ID, VOCAB
-
-    digits = _digit_ids()[torch.randint(0, 10, (n, N_DIGITS), generator=generator)]
-    return torch.cat([torch.full((n, 1), BOS_ID), digits, torch.full((n, 1), VOCAB.index("="))], dim=1)
-
-
-def reward(prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of 1 − |digit − target digit|/9 (target: the prompt's digits reversed), 0 for a
-    non-digit: exact answers score 1, near misses partial credit."""
-    digits = _digit_ids()
-    value = lambda ids: (ids.unsqueeze(-1) == digits).float().argmax(-1).float()  # noqa: E731  (token -> 0..9)
-    target = value(prompts[:, 1 : 1 + N_DIGITS].flip(-1))
-    is_digit = torch.isin(responses, digits)
-    return torch.where(is_digit, 1.0 - (value(responses) - target).abs() / 9.0, 0.0).mean(-1)
+    return reversal_prompts(n, N_DIGITS, generator)
 
 
 def evaluate(sampler, weights: torch.Tensor, prompts: torch.Tensor, seed: int) -> float:
     """Mean reward of the policy with ``weights`` on fixed prompts (sampled, temperature 1)."""
     sampler.load(weights)
     ids, _ = sampler.sample(prompts, N_DIGITS, generator=torch.Generator().manual_seed(seed))
-    return reward(prompts, ids[:, prompts.shape[1] :]).mean().item()
+    return token_reward(prompts, ids[:, prompts.shape[1] :]).mean().item()
 
 
 def stale_batch(sampler, snapshots, step, *, n_prompts, group, max_staleness, generator):
     """One batch consumed at ``step``: each prompt group sampled by the snapshot of version step − d."""
-    from areal_a3po.toy import Rollout
+    from benchmarks.harness.streams import Rollout
 
     prompts = make_prompts(n_prompts, generator)
     ds = torch.randint(0, min(max_staleness, step) + 1, (n_prompts,), generator=generator)
@@ -91,7 +73,7 @@ def stale_batch(sampler, snapshots, step, *, n_prompts, group, max_staleness, ge
         versions[sel, P:] = step - d
     loss_mask = torch.zeros(ids.shape, dtype=torch.int32)
     loss_mask[:, P:] = 1
-    rewards = reward(ids[:, :P], ids[:, P:])
+    rewards = token_reward(ids[:, :P], ids[:, P:])
     return Rollout(ids, loss_mask, versions, logprobs, rewards), ds.float().mean().item()
 
 
@@ -105,13 +87,15 @@ def _run(workdir, methods, seeds, steps, max_staleness, n_prompts, group, miniba
     from areal.api.cli_args import NormConfig
     from areal.utils import stats_tracker
 
-    from areal_a3po.demo import train_step
-    from areal_a3po.toy import Sampler, build_tiny_model, make_actor, parameters
+    from benchmarks.harness.actor import train_step
+    from benchmarks.harness.streams import Sampler
+    from benchmarks.harness.models import build_model
+    from benchmarks.harness.actor import make_actor, parameters
 
     seq_len = N_DIGITS + 2 + N_DIGITS
     curves: dict[str, list[list[dict]]] = {m: [] for m in methods}
     for seed in seeds:
-        model = build_tiny_model(f"{workdir}/model-{seed}", seed=seed)
+        model = build_model(f"{workdir}/model-{seed}", "toy", seed=seed)
         sampler = Sampler(model)
         eval_prompts = make_prompts(n_eval, torch.Generator().manual_seed(10_000 + seed))
         common = dict(

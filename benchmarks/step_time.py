@@ -5,7 +5,7 @@
     python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape --dry-run   # plan only (CPU)
 
 All variants train the same tiny Qwen2 (real AReaL FSDP actor, CPU) on stale batches generated the
-same way (``areal_a3po.demo``), interleaved step by step in one process so machine noise hits all
+same way (``benchmarks.demo``), interleaved step by step in one process so machine noise hits all
 alike. Reported per phase: median and interquartile range over the steps after the first; the
 per-step ratio variant/recompute (median); the **limit ratio** (recompute step − recompute phase) /
 recompute step, the best any approximation can do; and the interpolation's own cost, timed alone on
@@ -13,7 +13,7 @@ a batch of the same size, as a share of the recompute step. CPU timings: ratios,
 are what carry over.
 
 ``--model qwen2.5-1.5b-shape`` (or ``tiny-shape``) uses a random-initialised model of that shipped
-architecture (``areal_a3po/models``; nothing downloaded) and **one shared actor** whose
+architecture (``benchmarks/harness/shapes``; nothing downloaded) and **one shared actor** whose
 ``prox_logp_method`` is switched from variant to variant every step: one model and optimizer in
 memory instead of four, every variant timed on the same weights and the same batch. Its stale
 batches are the current policy's logprobs plus noise, tagged with versions up to ``--max-staleness``
@@ -125,12 +125,13 @@ def shared_run(shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, 
 def _shared_run(workdir, shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, dtype, progress):
     from areal.utils import stats_tracker
 
-    from areal_a3po.demo import VARIANTS as OPTIONS
-    from areal_a3po.demo import train_step
-    from areal_a3po.synthetic import build_synthetic_model
-    from areal_a3po.toy import Rollout, make_actor, random_tokens, token_logprobs
+    from benchmarks.demo import VARIANTS as OPTIONS
+    from benchmarks.harness.actor import train_step
+    from benchmarks.harness.models import build_model
+    from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
+    from benchmarks.harness.actor import make_actor
 
-    model = build_synthetic_model(f"{workdir}/model", shape, seed=seed)
+    model = build_model(f"{workdir}/model", shape, seed=seed)
     actor = make_actor(model, prox_logp_method="a3po", ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len,
                        lr=1e-6, dtype=dtype, pad_to_maximum=True)
     g = torch.Generator().manual_seed(seed)
@@ -166,11 +167,11 @@ def plan(args) -> str:
     lines = [f"device={args.device} model={args.model} steps={args.steps} batch={args.seqs}x{args.seq_len} tokens "
              f"ppo_n_minibatches={args.minibatches} max_staleness={args.max_staleness} variants={list(VARIANTS)}"]
     if shape is None:
-        lines.append("toy model: one actor per variant, each scored by its own weight snapshots (areal_a3po.demo)")
+        lines.append("toy model: one actor per variant, each scored by its own weight snapshots (benchmarks.demo)")
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        from areal_a3po.synthetic import model_shape
+        from benchmarks.harness.models import model_shape
 
         spec = {k: v for k, v in model_shape(shape).items() if k != "torch_dtype"}
         with torch.device("meta"):
@@ -186,7 +187,7 @@ def _dtype(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from areal_a3po.demo import run, run_args, stream_parser
+    from benchmarks.demo import run, run_args, stream_parser
 
     parser = stream_parser(__doc__, steps=30, seq_len=32)
     parser.add_argument("--plot", help="draw phase times per variant to this PNG")

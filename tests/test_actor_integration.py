@@ -7,7 +7,8 @@ fresh optimizers, feeds them the same stale batch, runs one ``ppo_update`` and c
 import pytest
 import torch
 
-from areal_a3po.toy import Rollout, make_actor, parameters, random_tokens, token_logprobs
+from benchmarks.harness.actor import make_actor, parameters
+from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +122,7 @@ def test_paper_anchor_equals_areal_recompute_fed_with_the_paper_formula(tiny_mod
 
 
 def test_a3po_runs_no_recompute_forward(tiny_model):
-    from areal_a3po.demo import train_step
+    from benchmarks.harness.actor import train_step
 
     counts = {}
     for method in ("recompute", "a3po"):

@@ -8,7 +8,7 @@ import torch
 from test_actor_integration import B, PROMPT, T, mixed_versions, paper_prox, recompute_update, stale_rollout
 
 from areal_a3po.actor import STATE_FILE, A3POWarning
-from areal_a3po.toy import load_parameters, make_actor, parameters
+from benchmarks.harness.actor import load_parameters, make_actor, parameters
 
 pytestmark = pytest.mark.integration
 PREFIX = "ppo_actor/update/a3po/audit/"

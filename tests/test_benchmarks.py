@@ -70,7 +70,7 @@ def test_accuracy_writes_tables_json_and_plot(tmp_path, capsys):
 
 
 def test_demo_with_the_plugins_own_audit(tmp_path, capsys):
-    from areal_a3po import demo
+    from benchmarks import demo
 
     out = tmp_path / "demo.json"
     demo.main(["--steps", "3", "--seqs", "2", "--seq-len", "12", "--audit-interval", "2", "--json", str(out)])
@@ -86,8 +86,8 @@ def test_demo_with_the_plugins_own_audit(tmp_path, capsys):
 def test_learning_reward_by_hand():
     import torch
 
-    from areal_a3po.toy import BOS_ID, VOCAB
-    from benchmarks.learning import reward
+    from benchmarks.harness.models import BOS_ID, VOCAB
+    from benchmarks.harness.tasks import token_reward as reward
 
     t = lambda *tokens: torch.tensor([[VOCAB.index(x) for x in tokens]])  # noqa: E731
     prompt = torch.cat([torch.tensor([[BOS_ID]]), t("3", "7", "=")], dim=1)  # target: the digits reversed, 7 3

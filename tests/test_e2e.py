@@ -77,13 +77,15 @@ def test_stats_are_summarised_and_compared(tmp_path):
 def test_synthetic_model_tokenizer_and_reward(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from areal_a3po.synthetic import build_synthetic_model, model_shape, reward_fn, synthetic_dataset
+    from benchmarks.harness.models import build_model, model_shape
 
-    path = build_synthetic_model(tmp_path / "m", "tiny")
+    from benchmarks.harness.tasks import reward_fn, reversal_dataset
+
+    path = build_model(tmp_path / "m", "tiny")
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size == 512
-    row = synthetic_dataset(3, seed=1)[0]
+    row = reversal_dataset(3, seed=1)[0]
     prompt = tok.apply_chat_template(row["messages"], tokenize=False)
     assert prompt == row["messages"][0]["content"] + " "
     assert tok.decode(tok(prompt)["input_ids"]).split() == prompt.split()
@@ -96,7 +98,7 @@ def test_synthetic_model_tokenizer_and_reward(tmp_path):
     assert reward_fn(prompt, "13 1 3 2", [], [], "4 1 3 2") == 0.75
     assert reward_fn(prompt, "", [], [], row["answer"]) == 0.0
     assert model_shape("qwen2.5-1.5b")["hidden_size"] == 1536
-    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-tiny', 'qwen2.5-1.5b', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-tiny', 'qwen2.5-1.5b', 'tiny', 'toy'\]"):
         model_shape("gpt5")
 
 

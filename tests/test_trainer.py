@@ -34,7 +34,7 @@ def test_spmd_trainer_creates_the_plugin_actor(tiny_model, monkeypatch):
     from areal.api.cli_args import PPOActorConfig
 
     from areal_a3po.actor import A3POPPOActor
-    from areal_a3po.toy import setup_single_process_env
+    from benchmarks.harness.actor import setup_single_process_env
 
     setup_single_process_env()
     trainer = object.__new__(A3POTrainer)  # only _create_train_engine is exercised (no rollout servers on CPU)
@@ -78,7 +78,7 @@ def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
     # path that follows ${actor.path} pointing at it, synthetic prompts and the synthetic reward.
     from areal.utils.hf_utils import load_hf_tokenizer
 
-    from areal_a3po.synthetic import reward_fn
+    from benchmarks.harness.tasks import reward_fn
     from areal_a3po.train import prepare
 
     argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3",
@@ -88,7 +88,7 @@ def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
     assert config.actor.path == config.tokenizer_path == config.sglang.model_path == model_dir
     assert (tmp_path / "synthetic" / "tiny" / "model.safetensors").exists()
     assert len(run["train_dataset"]) == 64 * 3  # batch_size x total_train_steps
-    assert run["workflow_kwargs"]["reward_fn"] == "areal_a3po.synthetic.reward_fn"
+    assert run["workflow_kwargs"]["reward_fn"] == "benchmarks.harness.tasks.reward_fn"
     row = run["train_dataset"][0]
     prompt = load_hf_tokenizer(config.tokenizer_path).apply_chat_template(row["messages"], tokenize=False)
     assert reward_fn(prompt, row["answer"], [], [], row["answer"]) == 1.0

@@ -1,6 +1,6 @@
 """CPU demo: train the tiny model a few steps with AReaL's recompute and with A-3PO, side by side.
 
-    python -m areal_a3po.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
+    python -m benchmarks.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
                               [--audit-interval N]
 
 Every variant consumes the same stream of stale batches: the batch consumed at step s was scored
@@ -68,7 +68,8 @@ def train_step(actor, trajs: list[dict[str, Any]], *, version: int, timings: dic
 
 
 def _stale_rollout(scorer, snapshots: list[torch.Tensor], step: int, *, seed: int, n_seqs: int, seq_len: int, prompt_len: int, max_staleness: int):
-    from areal_a3po.toy import Rollout, load_parameters, random_tokens, token_logprobs
+    from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
+    from benchmarks.harness.actor import load_parameters
 
     g = torch.Generator().manual_seed(seed * 1000 + step)
     ids, loss_mask = random_tokens(n_seqs, seq_len, prompt_len, seed=seed * 1000 + step)
@@ -129,9 +130,11 @@ def run(
 def _run(workdir, steps, max_staleness, minibatches, n_seqs, seq_len, seed, variants, audit, progress, audit_interval):
     from areal.utils import stats_tracker
 
-    from areal_a3po.toy import build_tiny_model, make_actor, parameters
+    from benchmarks.harness.models import build_model
 
-    model = build_tiny_model(f"{workdir}/model", seed=seed)
+    from benchmarks.harness.actor import make_actor, parameters
+
+    model = build_model(f"{workdir}/model", "toy", seed=seed)
     common = dict(ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len, lr=2e-3)
 
     def build(name):
