@@ -15,7 +15,6 @@ from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
-from benchmarks.harness.models import SHAPES as SYNTHETIC_MODELS
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
@@ -23,11 +22,12 @@ PROX_LOGP_METHODS = ("recompute", "loglinear", "metrics", A3PO)
 
 
 class A3POConfigError(ValueError):
-    """An invalid ``actor.a3po`` / ``actor.prox_logp_method`` setting (all problems in one message)."""
+    """An invalid experiment config: the A-3PO settings (every problem at once, each naming its YAML
+    key and the fix), or what Hydra/OmegaConf refused while loading it (unknown key, wrong type)."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], what: str = "A-3PO configuration"):
         self.problems = list(problems)
-        super().__init__("invalid A-3PO configuration:\n  - " + "\n  - ".join(self.problems))
+        super().__init__(f"invalid {what}:\n  - " + "\n  - ".join(self.problems))
 
 
 @dataclass
@@ -205,44 +205,12 @@ class A3POActorConfig(PPOActorConfig):
 
 
 @dataclass
-class SyntheticConfig:
-    """``synthetic``: run an experiment with nothing downloaded (smoke tests, timing, CPU runs)."""
-
-    model: str = field(
-        default="",
-        metadata={
-            "help": "Shipped model shape to build with random weights and a word-level tokenizer under "
-            "<cluster.fileroot>/synthetic/<shape> (actor.path and everything that follows it point there), "
-            "trained on digit-reversal prompts with a verifiable reward (areal_a3po.synthetic). "
-            "'' (default) = off: actor.path and the datasets come from the config.",
-            "choices": ["", *SYNTHETIC_MODELS],
-        },
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.model)
-
-    def problems(self, prefix: str = "synthetic") -> list[str]:
-        if self.model and self.model not in SYNTHETIC_MODELS:
-            return [f"{prefix}.model={self.model!r} is not a shipped shape; set one of {list(SYNTHETIC_MODELS)} or ''."]
-        return []
-
-
-@dataclass
 class A3POGRPOConfig(GRPOConfig):
     """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po``."""
 
     actor: A3POActorConfig = field(default_factory=A3POActorConfig)
-    synthetic: SyntheticConfig = field(
-        default_factory=SyntheticConfig,
-        metadata={"help": "Random model of a shipped shape and synthetic prompts instead of actor.path and the datasets."},
-    )
 
     def __post_init__(self):
-        problems = self.synthetic.problems()
-        if problems:
-            raise A3POConfigError(problems)
         super().__post_init__()
         # The actor warns about tokens staler than the rollout allows; it only sees its own config.
         if self.actor.a3po_enabled and self.actor.a3po.max_staleness is None and self.rollout is not None:
@@ -263,4 +231,26 @@ def load_config(argv: list[str], config_cls: type = A3POGRPOConfig):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise A3POConfigError(cause.problems) from None
-        raise
+        problem = _loading_problem(exc)
+        if problem is None:
+            raise
+        raise A3POConfigError([problem], what="experiment configuration") from None
+
+
+def _loading_problem(exc: Exception) -> str | None:
+    """What Hydra/OmegaConf (or AReaL's loader) refused, in one line with its reason; None for anything else."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, AssertionError) and str(exc).startswith("Config file"):  # AReaL's check of --config
+        return f"{exc} Pass an existing YAML with --config."
+    if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons, cause = [], exc.__cause__ or exc.__context__
+    while cause is not None:
+        first = str(cause).splitlines()[0].strip() if str(cause).strip() else ""
+        if first and first not in lines and first not in reasons:
+            reasons.append(first)
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(lines + [f"({r})" for r in reasons])

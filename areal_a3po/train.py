@@ -7,14 +7,17 @@ way AReaL experiments are launched (``scheduler.type: local`` or ``ray`` in the 
 and the dataset are local paths from the config (``actor.path``, ``train_dataset.path``), and the
 reward is AReaL's GSM8K reward unless ``A3PO_REWARD_FN=module.function`` says otherwise.
 
-``synthetic.model: <shape>`` in the config (``configs/cpu_tiny.yaml``; or the override
-``synthetic.model=qwen2.5-1.5b``) swaps in the stand-ins of ``areal_a3po.synthetic``: a random
-model of that shipped shape (written once under ``<cluster.fileroot>/synthetic/<shape>``), digit
-reversal prompts and their reward, so a run needs nothing downloaded.
+The steps, each usable on its own (``benchmarks/harness/train.py`` swaps in its own inputs):
 
-Before AReaL starts a worker, ``preflight`` checks what would otherwise fail late and far away:
-the inference server's package and its worker extension, and the interpreter the server runs on.
-A bad config prints its named problems and exits with status 2, without a traceback.
+- ``load(argv)``: the validated config, after ``preflight`` has checked what would otherwise fail
+  late and far away (the inference server's package and worker extension, the interpreter the
+  server runs on);
+- ``inputs(config)``: the datasets and the workflow's arguments (``Inputs``);
+- ``run(inputs)``: AReaL's trainer loop; whatever happens (an error, Ctrl-C, SIGTERM) every process
+  the run started is stopped before it returns, and the exit status is the result.
+
+A bad config or a failed preflight prints the named problems and exits with status 2, without a
+traceback; a server that does not come up exits with 1.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 #: AReaL's GSM8K reward (areal.reward.gsm8k); override with A3PO_REWARD_FN=module.function.
 DEFAULT_REWARD_FN = "areal.reward.gsm8k.gsm8k_reward_fn"
@@ -38,42 +43,47 @@ class PreflightError(RuntimeError):
     """The run cannot start; the message says which part and what to do."""
 
 
-def prepare(argv: list[str]) -> dict:
-    """Everything ``main`` builds before the trainer: the config, the datasets and the workflow
-    arguments (with ``synthetic.model`` set: the synthetic model, prompts and reward)."""
-    from areal_a3po.config import load_config
+@dataclass
+class Inputs:
+    """What ``PPOTrainer`` and ``PPOTrainer.train`` take besides the code: config, data, workflow arguments."""
 
-    config, _ = load_config(argv)
-    reward = os.environ.get("A3PO_REWARD_FN", DEFAULT_REWARD_FN)
-    if config.synthetic.enabled:
-        from benchmarks.harness.models import build_model
-        from benchmarks.harness.tasks import reversal_dataset
+    config: Any
+    train_dataset: Any
+    valid_dataset: Any = None
+    workflow_kwargs: dict = field(default_factory=dict)
+    eval_workflow_kwargs: dict = field(default_factory=dict)
 
-        shape = config.synthetic.model
-        model_dir = synthetic_model_dir(config, shape)
-        if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            build_model(model_dir, shape)
-        config, _ = load_config([*argv, f"actor.path={model_dir}"])  # tokenizer/rollout paths follow ${actor.path}
-        reward = "benchmarks.harness.tasks.reward_fn"
-        steps = config.total_train_steps or 1000
-        train_dataset = reversal_dataset(config.train_dataset.batch_size * steps, seed=config.seed)
-        valid_dataset = reversal_dataset(256, seed=config.seed + 1) if config.valid_dataset else None
-    else:
-        from areal.dataset import get_custom_dataset
-        from areal.utils.hf_utils import load_hf_tokenizer
 
-        tokenizer = load_hf_tokenizer(config.tokenizer_path)
-        train_dataset = get_custom_dataset("train", config.train_dataset, tokenizer)
-        valid_dataset = get_custom_dataset("test", config.valid_dataset, tokenizer) if config.valid_dataset else None
+def load(argv: list[str], config_cls: type | None = None):
+    """The experiment config from ``--config FILE.yaml`` and Hydra overrides, validated and preflighted."""
+    from areal_a3po.config import A3POGRPOConfig, load_config
 
-    # Exactly the arguments of AReaL 1.0.4's RLVRWorkflow.__init__ (reward_fn, gconfig, tokenizer,
-    # enable_thinking, ...): the workers build the workflow from them at the first rollout, so an
-    # argument it does not take crashes the run there. Trajectory dumps are AReaL's
-    # rollout.dump_to_file, not a workflow argument.
-    workflow_kwargs = dict(reward_fn=reward, gconfig=config.gconfig, tokenizer=config.tokenizer_path, enable_thinking=False)
-    eval_workflow_kwargs = dict(workflow_kwargs, gconfig=config.gconfig.new(temperature=0.6))
-    return dict(config=config, train_dataset=train_dataset, valid_dataset=valid_dataset,
-                workflow_kwargs=workflow_kwargs, eval_workflow_kwargs=eval_workflow_kwargs)
+    config, _ = load_config(argv, config_cls or A3POGRPOConfig)
+    preflight(config)
+    return config
+
+
+def workflow_kwargs(config, reward_fn: str) -> tuple[dict, dict]:
+    """``RLVRWorkflow``'s arguments for training and evaluation (temperature 0.6).
+
+    Exactly the arguments of AReaL 1.0.4's ``RLVRWorkflow.__init__`` (reward_fn, gconfig, tokenizer,
+    enable_thinking): the workers build the workflow from them at the first rollout, so an argument
+    it does not take crashes the run there. Trajectory dumps are AReaL's ``rollout.dump_to_file``.
+    """
+    train = dict(reward_fn=reward_fn, gconfig=config.gconfig, tokenizer=config.tokenizer_path, enable_thinking=False)
+    return train, dict(train, gconfig=config.gconfig.new(temperature=0.6))
+
+
+def inputs(config) -> Inputs:
+    """The config's datasets (AReaL's ``get_custom_dataset``) and the workflow's arguments."""
+    from areal.dataset import get_custom_dataset
+    from areal.utils.hf_utils import load_hf_tokenizer
+
+    tokenizer = load_hf_tokenizer(config.tokenizer_path)
+    train_dataset = get_custom_dataset("train", config.train_dataset, tokenizer)
+    valid_dataset = get_custom_dataset("test", config.valid_dataset, tokenizer) if config.valid_dataset else None
+    train, evaluate = workflow_kwargs(config, os.environ.get("A3PO_REWARD_FN", DEFAULT_REWARD_FN))
+    return Inputs(config, train_dataset, valid_dataset, train, evaluate)
 
 
 def preflight(config, environ=os.environ) -> None:
@@ -131,42 +141,34 @@ def _version(metadata, dist: str) -> str | None:
         return None
 
 
-def main(argv: list[str]) -> int:
-    """Load and check the config, then run AReaL's trainer loop; the exit status is the result.
+def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.train") -> int:
+    """AReaL's trainer loop on ``job``; returns the exit status (0 done, 1 server did not come up).
 
     Whatever happens (an error, Ctrl-C, SIGTERM), every process the run started is stopped before
     it returns: AReaL's workers and the inference server they launched, and the Ray head the run
-    started itself (``scheduler.type: ray`` without ``RAY_ADDRESS``).
+    started itself (``scheduler.type: ray`` without ``RAY_ADDRESS``). After Ctrl-C/SIGTERM the
+    process exits at once with 130/143.
     """
-    from areal_a3po.config import A3POConfigError, load_config
-
-    try:
-        config, _ = load_config(argv)
-        preflight(config)
-        run = prepare(argv)
-    except (A3POConfigError, PreflightError) as exc:
-        print(f"areal_a3po.train: {exc}", file=sys.stderr)
-        return 2
-
     from areal_a3po.trainer import A3POTrainer, ServerLaunchError
 
+    trainer_cls = trainer_cls or A3POTrainer
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    ray_started = _start_ray_head(config)
+    ray_started = _start_ray_head(job.config)
     interrupted = None
     try:
-        with A3POTrainer(run["config"], train_dataset=run["train_dataset"], valid_dataset=run["valid_dataset"]) as trainer:
+        with trainer_cls(job.config, train_dataset=job.train_dataset, valid_dataset=job.valid_dataset) as trainer:
             trainer.train(
                 workflow=WORKFLOW,
-                workflow_kwargs=run["workflow_kwargs"],
+                workflow_kwargs=job.workflow_kwargs,
                 eval_workflow=WORKFLOW,
-                eval_workflow_kwargs=run["eval_workflow_kwargs"],
+                eval_workflow_kwargs=job.eval_workflow_kwargs,
             )
     except ServerLaunchError as exc:
-        print(f"areal_a3po.train: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemExit) as exc:
         interrupted = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc.code, int) else 1)
-        print("areal_a3po.train: interrupted; stopping the run's workers and server.", file=sys.stderr)
+        print(f"{prog}: interrupted; stopping the run's workers and server.", file=sys.stderr)
     finally:
         if ray_started:
             import ray
@@ -184,9 +186,25 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: list[str]) -> int:
+    """Load and check the config, build the inputs, run AReaL's trainer loop; the exit status is the result."""
+    from areal_a3po.config import A3POConfigError
+
+    try:
+        job = inputs(load(argv))
+    except (A3POConfigError, PreflightError) as exc:
+        hint = ""
+        if "Key 'synthetic'" in str(exc):
+            hint = ("\nThe `synthetic` block (a random model and synthetic prompts, configs/cpu_tiny.yaml) is read by "
+                    "the repository's benchmark entry point: python -m benchmarks.harness.train --config ...")
+        print(f"areal_a3po.train: {exc}{hint}", file=sys.stderr)
+        return 2
+    return run(job)
+
+
 def _exit_on_sigterm(signum, frame):
     # Python's default SIGTERM ends the process without running `finally`, which would leave the
-    # workers and the server running; raise instead so that main() stops them.
+    # workers and the server running; raise instead so that run() stops them.
     raise SystemExit(128 + signum)
 
 
@@ -213,11 +231,6 @@ def _stop_children() -> None:
     from areal.infra.utils.proc import kill_process_tree
 
     kill_process_tree(None, timeout=5, include_parent=False)
-
-
-def synthetic_model_dir(config, shape: str) -> str:
-    """Where ``synthetic.model=<shape>`` keeps its random model (shared by the runs of one fileroot)."""
-    return os.path.join(config.cluster.fileroot, "synthetic", shape)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,16 @@ code and builds it directly.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import time
 
 from areal.api.cli_args import PPOActorConfig
 from areal.trainer import PPOTrainer
+from areal.utils import logging
 from areal.utils.environ import is_single_controller
 
 from areal_a3po.config import A3PO, A3POActorConfig
+
+logger = logging.getLogger("A3PO")
 
 #: backend of ``actor.backend`` (e.g. ``fsdp:d4``) → "module:Class" of the plugin's actor engine.
 ACTOR_ENGINES = {
@@ -34,34 +35,6 @@ def actor_engine_class(backend: str) -> type:
         raise ValueError(f"actor.backend {backend!r}: areal-a3po supports {sorted(ACTOR_ENGINES)}.")
     module, name = ACTOR_ENGINES[backend].split(":")
     return getattr(importlib.import_module(module), name)
-
-
-#: Per-step stats as AReaL commits them, one JSON object per line (plus ``global_step`` and ``wall_time``).
-STATS_FILE = "stats.jsonl"
-
-
-class JsonlStatsLogger:
-    """AReaL's ``StatsLogger`` with each ``commit`` also appended to a JSON-lines file (rank 0 only,
-    like AReaL's own commit); everything else calls through."""
-
-    def __init__(self, inner, path: str):
-        self._inner = inner
-        self.path = path
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def commit(self, epoch: int, step: int, global_step: int, data):
-        self._inner.commit(epoch, step, global_step, data)
-        import torch.distributed as dist
-
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        rows = data if isinstance(data, list) else [data]
-        with open(self.path, "a") as f:
-            for row in rows:
-                clean = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.endswith("__count")}
-                f.write(json.dumps({"global_step": global_step, "wall_time": time.time(), **clean}) + "\n")
 
 
 class ServerLaunchError(RuntimeError):
@@ -91,12 +64,6 @@ class A3POTrainer(PPOTrainer):
             if "launch_server" in str(exc):
                 raise ServerLaunchError(_server_launch_message(config, exc)) from exc
             raise
-        from areal.utils.stats_logger import StatsLogger
-
-        # AReaL's loggers (wandb, swanlab, tensorboard) are for people; benchmarks.e2e_speedup
-        # reads the same committed stats from a JSON-lines file next to AReaL's logs.
-        path = os.path.join(StatsLogger.get_log_path(config.stats_logger), STATS_FILE)
-        self.stats_logger = JsonlStatsLogger(self.stats_logger, path)
 
     def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
         if not isinstance(actor_config, A3POActorConfig):  # the reference model, or a plain config

@@ -7,10 +7,10 @@
         --methods recompute a3po-paper a3po-recompute areal-loglinear --steps 50 --synthetic
     python -m benchmarks.e2e_speedup --configs configs/*.yaml --steps 50 --dry-run
 
-Each run is ``python -m areal_a3po.train --config X total_train_steps=N ...`` launched exactly as an
-AReaL user launches it (the config's ``scheduler.type``), its output in a log file whose path is
-printed, a progress bar fed by the stats AReaL commits (``A3POTrainer`` mirrors them into
-``<log dir>/stats.jsonl``). ``--methods`` runs every config once per method (Hydra overrides);
+Each run is ``python -m benchmarks.harness.train --config X total_train_steps=N ...`` (the plugin's
+entry point ``areal_a3po.train`` with the harness's stand-ins) launched the way an AReaL user
+launches an experiment (the config's ``scheduler.type``), its output in a log file whose path is
+printed, a progress bar fed by the stats AReaL commits (mirrored into ``<log dir>/stats.jsonl``). ``--methods`` runs every config once per method (Hydra overrides);
 ``--repeats R`` runs the whole list R times, the order reversed every other repetition, so that
 drift of the machine hits every method alike. ``--pin`` launches the controller on core 0 with one
 thread (for ``configs/cpu_tiny_pinned.yaml``, which puts the server on core 0 and the trainer on
@@ -25,7 +25,7 @@ same repetition: the speedup ``T_rec / T`` and the share of the recompute phase 
 ``T_rec − R_rec``); medians and ranges over pairs.
 
 ``--synthetic [SHAPE]``: a random-initialised model of SHAPE (default qwen2.5-1.5b) and synthetic
-digit-reversal prompts with a cheap verifiable reward (``areal_a3po.synthetic``), so the timing
+digit-reversal prompts with a cheap verifiable reward (``benchmarks.harness.tasks``), so the timing
 comparison runs on any GPU box without weights or datasets. ``--dry-run``: loads and validates every
 config, builds what can be built without a GPU (the plugin's engine class, the synthetic tokenizer,
 prompts and reward) and prints the commands it would run.
@@ -34,15 +34,15 @@ prompts and reward) and prints the commands it would run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness.launch import launch, without_spmd_env
+from benchmarks.harness.train import STATS_FILE
 from benchmarks.output import save
 
 METHODS = {
@@ -51,7 +51,7 @@ METHODS = {
     "a3po-recompute": ["actor.prox_logp_method=a3po", "actor.a3po.anchor=recompute"],
     "areal-loglinear": ["actor.prox_logp_method=loglinear"],
 }
-#: The paper's and AReaL's reported figures, shown next to ours (A3PO_NOTES.md); never our numbers.
+#: Figures reported by the paper's authors and by AReaL's docs, printed next to ours (not measured here).
 REPORTED = {
     "paper v1 abstract": "18% less training time",
     "authors' write-up, Setup 1": "1.82 h -> 1.53 h (-16%), eval 0.797 vs 0.791",
@@ -69,6 +69,7 @@ def method_of(config) -> str:
 def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrides: list[str], synthetic: str | None, tag: str) -> list[dict]:
     """One dict per run: label, method, config object, command line and environment."""
     from areal_a3po.config import load_config
+    from benchmarks.harness.train import SyntheticGRPOConfig
 
     runs = []
     for path in configs:
@@ -77,13 +78,13 @@ def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrid
             base = [f"total_train_steps={steps}", *overrides, *extra]
             if synthetic:
                 base.append(f"++synthetic.model={synthetic}")  # ++: also for YAMLs without the block
-            probe, _ = load_config(["--config", path, *base])  # validated here, before anything runs
+            probe, _ = load_config(["--config", path, *base], SyntheticGRPOConfig)  # validated here, before anything runs
             name = f"{Path(path).stem}-{method or method_of(probe)}"
             args = ["--config", path, *base, f"trial_name=e2e-{tag}-{name}"]
-            config, _ = load_config(args)
+            config, _ = load_config(args, SyntheticGRPOConfig)
             env = {}
             runs.append(dict(name=name, method=method or method_of(config), config=config, config_file=path,
-                             command=[sys.executable, "-m", "areal_a3po.train", *args], env=env))
+                             command=[sys.executable, "-m", "benchmarks.harness.train", *args], env=env))
     return runs
 
 
@@ -91,19 +92,6 @@ def log_dir(config) -> str:
     from areal.utils.stats_logger import StatsLogger
 
     return StatsLogger.get_log_path(config.stats_logger)
-
-
-def read_stats(path: str | os.PathLike) -> list[dict]:
-    """The committed stats rows; a line that does not parse is skipped: the one AReaL is still
-    writing while a run is being watched, or the last one of a run that was killed."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _first(row: dict, *patterns: str):
@@ -269,102 +257,20 @@ def plot(results: dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
-#: Programs of the shell pipeline AReaL wraps each worker in (they only copy its output to log files).
-LOG_PLUMBING = ("bash", "sh", "tee", "sed", "stdbuf")
-
-
-def thread_cores(root_pid: int) -> dict[str, list[int]]:
-    """Cores each part of a running experiment may use, read from every thread's ``Cpus_allowed_list``.
-
-    Parts: the trainer (AReaL's worker with ``--role actor`` and everything under it), the server
-    side (the rollout workers, the vLLM server and its engine processes), the controller, and the
-    shell pipeline that copies each worker's output to its log files.
-    """
-    import psutil
-
-    def role(proc) -> str:
-        if os.path.basename((proc.cmdline() or [""])[0]) in LOG_PLUMBING:
-            return "log plumbing"  # AReaL's `bash -c '... | tee ... >(sed ...)'` around each worker
-        for p in [proc, *proc.parents()]:
-            argv = p.cmdline()
-            if "--role" in argv[:-1]:
-                return "trainer" if argv[argv.index("--role") + 1] == "actor" else "server"
-            if any("areal_vllm_server" in a for a in argv):
-                return "server"
-            if p.pid == root_pid:
-                return "controller"
-        return "other"
-
-    cores: dict[str, set[int]] = {}
-    try:
-        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
-    for proc in procs:
-        try:
-            r = role(proc)
-            for task in Path(f"/proc/{proc.pid}/task").iterdir():
-                text = (task / "status").read_text()
-                allowed = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
-                cores.setdefault(r, set()).update(_cpu_list(allowed))
-        except (psutil.Error, OSError, StopIteration):
-            continue
-    return {k: sorted(v) for k, v in cores.items()}
-
-
-def _cpu_list(text: str) -> set[int]:
-    out: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-#: Variables that put AReaL in SPMD mode (one process per rank) or pick a rendezvous port; a run
-#: launched by this runner is a single-controller run and chooses its own.
-SPMD_ENV = ("AREAL_SPMD_MODE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def without_spmd_env(environ) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if k not in SPMD_ENV}
-
-
 def execute(run: dict, out_dir: Path, steps: int, pin: bool, progress: bool = True) -> tuple[list[dict], dict]:
-    """Run one experiment as a user would, its output in ``out_dir/<name>.log``; a progress bar from
-    its committed stats; the affinity of its threads read once training has started."""
-    import signal
-
-    from tqdm import tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"{run['name']}.log"
-    stats_path = Path(log_dir(run["config"])) / "stats.jsonl"
+    """Run one experiment as a user would (``launch``), its output in ``out_dir/<name>.log``; a progress
+    bar from its committed stats; the affinity of its threads read once training has started."""
     command = (["taskset", "-c", "0"] if pin else []) + run["command"]
     env = {**without_spmd_env(os.environ), **run["env"]}
     if pin:  # the controller's thread variables reach AReaL's workers (instead of its own default)
         env.update({k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    log_path = out_dir / f"{run['name']}.log"
     print(f"=== {run['name']}: {' '.join(command)}\n    AReaL's output: {log_path}", flush=True)
-    cores: dict = {}
-    bar = tqdm(total=steps, desc=run["name"], unit="step", disable=not progress, leave=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while proc.poll() is None:
-                done = len(read_stats(stats_path)) if stats_path.exists() else 0
-                bar.update(done - bar.n)
-                if done >= 2 and not cores:
-                    cores = thread_cores(proc.pid)
-                time.sleep(0.5)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    rows = read_stats(stats_path) if stats_path.exists() else []
-    bar.update(len(rows) - bar.n)
-    bar.close()
-    if proc.returncode != 0 or not rows:
-        raise SystemExit(f"run {run['name']} failed (exit {proc.returncode}); see {log_path}")
-    return rows, cores
+    result = launch(command, log_file=log_path, stats=Path(log_dir(run["config"])) / STATS_FILE, env=env,
+                    progress=(run["name"], steps) if progress else None, watch_cores=True)
+    if result.returncode != 0 or not result.rows:
+        raise SystemExit(f"run {run['name']} failed (exit {result.returncode}); see {log_path}")
+    return result.rows, result.cores
 
 
 def order(plans: list[list[dict]]) -> list[tuple[int, dict]]:

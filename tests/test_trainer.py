@@ -74,22 +74,23 @@ def test_train_entry_point_validates_before_building_anything(tmp_path):
 
 
 def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
-    # synthetic.model=tiny: a random model of the shipped shape under <fileroot>/synthetic/tiny, every
-    # path that follows ${actor.path} pointing at it, synthetic prompts and the synthetic reward.
+    # ++synthetic.model=tiny on a GPU config: a random model of the shipped shape under
+    # <fileroot>/synthetic/tiny, every path that follows ${actor.path} pointing at it, synthetic
+    # prompts and the synthetic reward (benchmarks.harness.train).
     from areal.utils.hf_utils import load_hf_tokenizer
 
     from benchmarks.harness.tasks import reward_fn
-    from areal_a3po.train import prepare
+    from benchmarks.harness.train import inputs
 
     argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3",
-            "synthetic.model=tiny"]
-    run = prepare(argv)
-    config, model_dir = run["config"], str(tmp_path / "synthetic" / "tiny")
+            "++synthetic.model=tiny"]
+    run = inputs(argv)
+    config, model_dir = run.config, str(tmp_path / "synthetic" / "tiny")
     assert config.actor.path == config.tokenizer_path == config.sglang.model_path == model_dir
     assert (tmp_path / "synthetic" / "tiny" / "model.safetensors").exists()
-    assert len(run["train_dataset"]) == 64 * 3  # batch_size x total_train_steps
-    assert run["workflow_kwargs"]["reward_fn"] == "benchmarks.harness.tasks.reward_fn"
-    row = run["train_dataset"][0]
+    assert len(run.train_dataset) == 64 * 3  # batch_size x total_train_steps
+    assert run.workflow_kwargs["reward_fn"] == "benchmarks.harness.tasks.reward_fn"
+    row = run.train_dataset[0]
     prompt = load_hf_tokenizer(config.tokenizer_path).apply_chat_template(row["messages"], tokenize=False)
     assert reward_fn(prompt, row["answer"], [], [], row["answer"]) == 1.0
 
@@ -104,23 +105,28 @@ def test_workflows_build_from_the_entry_points_arguments(tmp_path):
     # (train and eval); an argument it does not take (dump_dir, rollout_stat_scope) crashed it there.
     from areal.workflow.rlvr import RLVRWorkflow
 
-    from areal_a3po.train import WORKFLOW, prepare
+    from areal_a3po.train import DEFAULT_REWARD_FN, WORKFLOW, workflow_kwargs
+    from benchmarks.harness.train import inputs
 
-    run = prepare([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    run = inputs([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
     assert WORKFLOW == f"{RLVRWorkflow.__module__}.{RLVRWorkflow.__name__}"
-    train_wf = RLVRWorkflow(**run["workflow_kwargs"])
-    eval_wf = RLVRWorkflow(**run["eval_workflow_kwargs"])
+    train_wf = RLVRWorkflow(**run.workflow_kwargs)
+    eval_wf = RLVRWorkflow(**run.eval_workflow_kwargs)
     assert train_wf.gconfig.temperature == 1.0 and eval_wf.gconfig.temperature == 0.6
-    assert run["config"].actor.path == str(tmp_path / "synthetic" / "cpu-tiny") == run["config"].vllm.model
-    assert len(run["train_dataset"]) == 8 * 12  # batch_size x total_train_steps of cpu_tiny.yaml
+    assert run.config.actor.path == str(tmp_path / "synthetic" / "cpu-tiny") == run.config.vllm.model
+    assert len(run.train_dataset) == 8 * 12  # batch_size x total_train_steps of cpu_tiny.yaml
+    # the plugin's own entry point hands the workflow the same arguments, with AReaL's GSM8K reward
+    mine, _ = workflow_kwargs(run.config, DEFAULT_REWARD_FN)
+    assert RLVRWorkflow(**mine) and mine["gconfig"] is run.config.gconfig and mine["reward_fn"] == "areal.reward.gsm8k.gsm8k_reward_fn"
 
 
 def test_preflight_puts_this_interpreter_first_for_the_server(tmp_path):
     # AReaL launches the server as `python3` from PATH; the system's has no vLLM.
     from areal_a3po.config import load_config
     from areal_a3po.train import preflight
+    from benchmarks.harness.train import SyntheticGRPOConfig
 
-    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"], SyntheticGRPOConfig)
     environ = {"PATH": "/usr/bin:/bin"}
     preflight(config, environ=environ)
     assert environ["PATH"] == os.path.dirname(sys.executable) + ":/usr/bin:/bin"
@@ -133,8 +139,9 @@ def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
 
     import areal_a3po.train as train
     from areal_a3po.config import load_config
+    from benchmarks.harness.train import SyntheticGRPOConfig
 
-    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"])
+    config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"], SyntheticGRPOConfig)
     real_find_spec = train.importlib.util.find_spec
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     with pytest.raises(train.PreflightError, match=r"rollout\.backend='vllm:d1p1t1' needs vLLM, which .* cannot import.*`make install`"):
@@ -152,15 +159,24 @@ def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
         train.preflight(config, environ={})
 
 
-def test_bad_config_exits_2_with_the_named_problem_and_no_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "entry, argv, message",
+    [
+        ("benchmarks.harness.train", [*CPU_TINY, "synthetic.model=gpt5"], "synthetic.model='gpt5' is not a shipped shape"),
+        ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.anchr=paper"],
+         "Could not override 'actor.a3po.anchr'. To append to your config use +actor.a3po.anchr=paper (Key 'anchr' is not in struct)"),
+        ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.audit_interval=-3"],
+         "actor.a3po.audit_interval=-3 must be an integer ≥ 0"),
+        ("areal_a3po.train", CPU_TINY, "The `synthetic` block (a random model and synthetic prompts, configs/cpu_tiny.yaml) is read by"),
+    ],
+    ids=["harness-value", "unknown-key", "a3po-value", "synthetic-block"],
+)
+def test_bad_config_exits_2_with_the_named_problem_and_no_traceback(tmp_path, entry, argv, message):
     import subprocess
 
-    out = subprocess.run(
-        [sys.executable, "-m", "areal_a3po.train", *CPU_TINY, f"cluster.fileroot={tmp_path}", "synthetic.model=gpt5"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = subprocess.run([sys.executable, "-m", entry, *argv, f"cluster.fileroot={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "synthetic.model='gpt5' is not a shipped shape" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr
 
 

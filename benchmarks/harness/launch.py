@@ -1,0 +1,180 @@
+"""Launching a real run (``python -m benchmarks.harness.train`` or ``areal_a3po.train``) and watching it.
+
+``launch`` starts the command in a session of its own (one ``killpg`` reaches every process the run
+starts: AReaL's workers, the inference server, a Ray head), its output in a log file, and polls the
+stats the run commits (``stats.jsonl``, written by ``benchmarks.harness.train``) for a progress bar,
+an optional kill after a given step, and (``watch_cores``) the cores each part of the run may use.
+The benchmarks (``e2e_speedup``, ``mismatch``) and the pipeline tests all launch through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_stats(path: str | os.PathLike) -> list[dict]:
+    """The committed stats rows; a line that does not parse is skipped: the one AReaL is still
+    writing while a run is being watched, or the last one of a run that was killed."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+@dataclass
+class Run:
+    """One finished (or killed) run: exit status, its output, the stats it committed, its cores."""
+
+    returncode: int
+    log_file: Path
+    stats_file: Path | None
+    killed: bool = False
+    rows: list[dict] = field(default_factory=list)
+    cores: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.output.splitlines()[-n:])
+
+    def steps(self) -> list[int]:
+        return [r["global_step"] for r in self.rows]
+
+
+def _stats_file(stats: str | os.PathLike) -> Path | None:
+    found = glob.glob(str(stats))
+    return Path(found[0]) if found else None
+
+
+def launch(
+    command: list[str],
+    *,
+    log_file: Path,
+    stats: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    kill_after_step: int | None = None,
+    timeout: float | None = None,
+    progress: tuple[str, int] | None = None,
+    watch_cores: bool = False,
+) -> Run:
+    """Run ``command`` to its end, or SIGKILL its whole process group once the stats of global step
+    ``kill_after_step`` are committed; ``TimeoutError`` after ``timeout`` seconds (the run is killed).
+
+    ``stats``: the run's ``stats.jsonl`` (a glob pattern is allowed). Stats of earlier legs of the
+    same trial (a recovered run) are in the same file: ``kill_after_step`` counts them too.
+    ``progress``: (label, total steps) for a tqdm bar. ``watch_cores``: read ``thread_cores`` once
+    two steps are committed. The log file is appended to, each leg headed by its command line.
+    """
+    from tqdm import tqdm
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=progress[1], desc=progress[0], unit="step", leave=True) if progress else None
+    killed, cores = False, {}
+    deadline = time.monotonic() + timeout if timeout else None
+    with open(log_file, "ab") as log:
+        log.write(("$ " + " ".join(command) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(command[:4])}...: no result after {timeout:.0f} s; output in {log_file}")
+                path = _stats_file(stats)
+                rows = read_stats(path) if path else []
+                if bar is not None:
+                    bar.update(len(rows) - bar.n)
+                if watch_cores and len(rows) >= 2 and not cores:
+                    cores = thread_cores(proc.pid)
+                if kill_after_step is not None and any(r["global_step"] >= kill_after_step for r in rows):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed = True
+                    break
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None or killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    path = _stats_file(stats)
+    rows = read_stats(path) if path else []
+    if bar is not None:
+        bar.update(len(rows) - bar.n)
+        bar.close()
+    return Run(proc.returncode, log_file, path, killed=killed, rows=rows, cores=cores)
+
+
+#: Variables that put AReaL in SPMD mode (one process per rank) or pick a rendezvous port; a run
+#: launched here is a single-controller run and chooses its own.
+SPMD_ENV = ("AREAL_SPMD_MODE", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_spmd_env(environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in SPMD_ENV}
+
+
+#: Programs of the shell pipeline AReaL wraps each worker in (they only copy its output to log files).
+LOG_PLUMBING = ("bash", "sh", "tee", "sed", "stdbuf")
+
+
+def thread_cores(root_pid: int) -> dict[str, list[int]]:
+    """Cores each part of a running experiment may use, read from every thread's ``Cpus_allowed_list``.
+
+    Parts: the trainer (AReaL's worker with ``--role actor`` and everything under it), the server
+    side (the rollout workers, the vLLM server and its engine processes), the controller, and the
+    shell pipeline that copies each worker's output to its log files.
+    """
+    import psutil
+
+    def role(proc) -> str:
+        if os.path.basename((proc.cmdline() or [""])[0]) in LOG_PLUMBING:
+            return "log plumbing"  # AReaL's `bash -c '... | tee ... >(sed ...)'` around each worker
+        for p in [proc, *proc.parents()]:
+            argv = p.cmdline()
+            if "--role" in argv[:-1]:
+                return "trainer" if argv[argv.index("--role") + 1] == "actor" else "server"
+            if any("areal_vllm_server" in a for a in argv):
+                return "server"
+            if p.pid == root_pid:
+                return "controller"
+        return "other"
+
+    cores: dict[str, set[int]] = {}
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for proc in procs:
+        try:
+            r = role(proc)
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                text = (task / "status").read_text()
+                allowed = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
+                cores.setdefault(r, set()).update(_cpu_list(allowed))
+        except (psutil.Error, OSError, StopIteration):
+            continue
+    return {k: sorted(v) for k, v in cores.items()}
+
+
+def _cpu_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
