@@ -25,6 +25,8 @@ CPU_TINY = REPO / "configs" / "cpu_tiny.yaml"
 ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
 RUN_PROCESS_WORDS = ("areal", "vllm", "ray", "raylet", "gcs_server", "rpc_server")
+#: How long the processes of a finished run may take to exit before they count as left behind.
+GRACE_SECONDS = 10
 #: PATH without the venv: the system's python3 there has no vLLM.
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -89,8 +91,9 @@ def no_orphans():
     try:
         yield leftovers
     finally:
-        time.sleep(1)  # let SIGTERM'd processes finish exiting
-        alive = run_processes(since, before)
+        deadline = time.monotonic() + GRACE_SECONDS  # SIGTERM'd processes (Ray's workers) take a moment to exit
+        while (alive := run_processes(since, before)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         leftovers.extend(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:160]}" for p in alive)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):

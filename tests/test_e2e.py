@@ -204,3 +204,21 @@ def test_launch_times_out_and_leaves_nothing(tmp_path):
         launch([sys.executable, "-c", "import time; time.sleep(30)"], log_file=tmp_path / "run.log", stats=tmp_path / "none", timeout=1)
     run = launch([sys.executable, "-c", "print('done')"], log_file=tmp_path / "ok.log", stats=tmp_path / "none")
     assert run.returncode == 0 and run.rows == [] and run.stats_file is None and "done" in run.output
+
+
+def test_make_demo_plans_its_four_runs(tmp_path):
+    # The README's main command, as typed (only --dry-run added through ARGS): its configs, methods
+    # and overrides load and validate. Skipped where `make install` has not run (it would install).
+    import subprocess
+
+    import pytest
+
+    repo = Path(__file__).parent.parent
+    if subprocess.run(["make", "-q", "install"], cwd=repo).returncode != 0:
+        pytest.skip("the venv is not installed by `make install` here")
+    out = subprocess.run(["make", "-s", "demo", f"ARGS=--dry-run --override cluster.fileroot={tmp_path}"], cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [line for line in out.stdout.splitlines() if line.startswith("[cpu_tiny_pinned-")]
+    assert [line.split()[1] for line in runs] == [f"method={m}" for m in ("recompute", "a3po-paper", "a3po-recompute", "areal-loglinear")]
+    assert all("steps=16" in line for line in runs) and out.stdout.count("actor.a3po.audit_interval=4") == 4

@@ -151,4 +151,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run the module's importable copy: AReaL ships the config to its workers by class path, and
+    # ``__main__.SyntheticGRPOConfig`` is not one they can import (they would get a plain dict).
+    from benchmarks.harness.train import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
