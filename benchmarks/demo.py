@@ -3,95 +3,28 @@
     python -m benchmarks.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
                               [--audit-interval N]
 
-Every variant consumes the same stream of stale batches: the batch consumed at step s was scored
-by *that variant's own* policy at version s − d (weight snapshots), with d drawn per sequence up
-to ``--max-staleness`` and, in half the sequences, a version switch mid-response, recorded per
-token as AReaL's inference engine records it. The variants are interleaved step by step in one
-process. A-3PO's π_prox error is measured against the recomputed ground truth, which the demo
-computes for the A-3PO variants outside their timed phases (``a3po/audit/*`` stats).
+Every variant consumes the same kind of stream of stale batches (``ScoredStream``): the batch
+consumed at step s was scored by *that variant's own* policy at version s − d (weight snapshots),
+with d drawn per sequence up to ``--max-staleness`` and, in half the sequences, a version switch
+mid-response, recorded per token as AReaL's inference engine records it. The variants are
+interleaved step by step in one process (``benchmarks.harness.loop``). A-3PO's π_prox error is
+measured against the recomputed ground truth, which the demo computes for the A-3PO variants
+outside their timed phases (``a3po/audit/*`` stats); ``--audit-interval N`` uses the plugin's own
+audit instead (every N-th version, inside the timed update, as in production).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
 import tempfile
-import time
-from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
-import torch
-
-VARIANTS = {
-    "recompute": dict(prox_logp_method="recompute"),
-    "areal-loglinear": dict(prox_logp_method="loglinear"),  # AReaL's built-in approximation
-    "a3po-paper": dict(prox_logp_method="a3po", anchor="paper"),
-    "a3po-recompute": dict(prox_logp_method="a3po", anchor="recompute"),
-}
-
-
-def _sync() -> None:
-    # GPU kernels run asynchronously: a phase has ended only when the device is idle.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def _timed(timings: dict[str, float] | None, key: str):
-    _sync()
-    start = time.perf_counter()
-    yield
-    _sync()
-    if timings is not None:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def attach_recomputed_prox(actor, trajs: list[dict[str, Any]]) -> None:
-    """AReaL's recompute forward: store π_prox (label-aligned) in each trajectory as ``prox_logp``."""
-    for traj, logp in zip(trajs, actor.compute_logp(trajs)):
-        traj["prox_logp"] = logp
-
-
-def train_step(actor, trajs: list[dict[str, Any]], *, version: int, timings: dict[str, float] | None = None) -> None:
-    """One trainer step as ``PPOTrainer.train`` runs it (areal 1.0.4, rl_trainer.py ~680-730):
-    recompute π_prox only if ``config.actor.should_compute_prox_logp()``, then advantages, update."""
-    actor.set_version(version)
-    if actor.config.should_compute_prox_logp():
-        with _timed(timings, "recompute_logp"):
-            attach_recomputed_prox(actor, trajs)
-    with _timed(timings, "compute_advantage"):
-        adv = actor.compute_advantages(trajs)
-    with _timed(timings, "train_step"):
-        actor.ppo_update(adv)
-        actor.step_lr_scheduler()
-
-
-def _stale_rollout(scorer, snapshots: list[torch.Tensor], step: int, *, seed: int, n_seqs: int, seq_len: int, prompt_len: int, max_staleness: int):
-    from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
-    from benchmarks.harness.actor import load_parameters
-
-    g = torch.Generator().manual_seed(seed * 1000 + step)
-    ids, loss_mask = random_tokens(n_seqs, seq_len, prompt_len, seed=seed * 1000 + step)
-    versions = torch.full(ids.shape, -1)
-    for i in range(n_seqs):
-        v = step - int(torch.randint(0, min(max_staleness, step) + 1, (1,), generator=g))
-        versions[i, prompt_len:] = v
-        if i % 2 == 1 and v < step:  # the engine picked up new weights mid-response
-            versions[i, (prompt_len + seq_len) // 2 :] = v + 1
-    behave = torch.zeros(ids.shape)
-    for v in versions.unique().tolist():
-        if v < 0:
-            continue
-        load_parameters(scorer, snapshots[v])
-        logp = token_logprobs(scorer, ids)
-        behave = torch.where(versions == v, logp, behave)
-    rewards = (torch.rand(n_seqs, generator=g) > 0.5).float()
-    return Rollout(ids, loss_mask, versions, behave * loss_mask, rewards)
-
-
-DEMO_VARIANTS = ("recompute", "a3po-paper", "a3po-recompute")
-
+from benchmarks.harness import variants as registry
+from benchmarks.harness.loop import PHASES, StepRecord, after_warmup, by_lane, median_after_warmup
+from benchmarks.output import save
 
 AUDIT_KEYS = {  # demo name -> stats_tracker key (under ppo_actor/update/a3po/audit/)
     "abs_error": "abs_error/avg",
@@ -104,96 +37,113 @@ AUDIT_KEYS = {  # demo name -> stats_tracker key (under ppo_actor/update/a3po/au
 }
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The run: ``steps`` trainer steps per variant on batches of ``n_seqs`` × ``seq_len`` tokens (the
+    first third prompt), staleness ≤ ``max_staleness``, ``ppo_n_minibatches`` = ``minibatches``;
+    ``audit_interval`` > 0: the plugin's own audit every N-th version."""
+
+    steps: int = 12
+    max_staleness: int = 4
+    minibatches: int = 2
+    n_seqs: int = 8
+    seq_len: int = 24
+    seed: int = 0
+    audit_interval: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return self.seq_len // 3
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        """From ``stream_parser``'s namespace."""
+        return cls(steps=args.steps, max_staleness=args.max_staleness, minibatches=args.minibatches, n_seqs=args.seqs,
+                   seq_len=args.seq_len, seed=args.seed, audit_interval=args.audit_interval)
+
+
 def run(
-    steps: int = 12,
-    max_staleness: int = 4,
-    minibatches: int = 2,
-    n_seqs: int = 8,
-    seq_len: int = 24,
-    seed: int = 0,
-    variants=DEMO_VARIANTS,
+    settings: Settings = Settings(),
+    *,
+    variants: Sequence[str] = registry.DEMO,
     audit: bool = True,
-    progress=None,
-    audit_interval: int = 0,
+    progress: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train each variant ``steps`` steps on its own stale stream, interleaved; return all timings.
+    """Train each variant ``settings.steps`` steps on its own stale stream, interleaved; return all timings.
 
     ``audit``: recompute the ground truth π_prox (untimed) for the a3po variants to measure their
-    error. ``audit_interval`` > 0 instead turns on the plugin's own audit
-    (``actor.a3po.audit_interval``): the a3po actors recompute π_prox every N-th step inside their
-    timed update, as in production. ``progress``: called once per trained (step, variant).
+    error (ignored with ``settings.audit_interval`` > 0: the plugin's own audit does). ``progress``:
+    called once per trained (step, variant).
     """
     with tempfile.TemporaryDirectory(prefix="a3po-demo-") as workdir:
-        return _run(workdir, steps, max_staleness, minibatches, n_seqs, seq_len, seed, list(variants), audit, progress, audit_interval)
+        records = _train(workdir, settings, [registry.get(name) for name in variants], audit, progress)
+    return dict(settings=dataclasses.asdict(settings), summary=summarize(records), per_step=per_step(records))
 
 
-def _run(workdir, steps, max_staleness, minibatches, n_seqs, seq_len, seed, variants, audit, progress, audit_interval):
-    from areal.utils import stats_tracker
-
-    from benchmarks.harness.models import build_model
-
+def _train(workdir: str, s: Settings, variants: list[registry.Variant], audit: bool, progress) -> list[StepRecord]:
     from benchmarks.harness.actor import make_actor, parameters
+    from benchmarks.harness.loop import Lane, run_interleaved
+    from benchmarks.harness.models import build_model
+    from benchmarks.harness.streams import ScoredStream
 
-    model = build_model(f"{workdir}/model", "toy", seed=seed)
-    common = dict(ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len, lr=2e-3)
+    model = build_model(f"{workdir}/model", "toy", seed=s.seed)
+    common = dict(ppo_n_minibatches=s.minibatches, max_tokens_per_mb=s.seq_len, lr=2e-3)
 
-    def build(name):
-        options = dict(VARIANTS[name])
-        if audit_interval and options["prox_logp_method"] == "a3po":
-            options["a3po_options"] = {"audit_interval": audit_interval}
+    def build(variant):
+        options = variant.actor_options()
+        if s.audit_interval and variant.a3po:
+            options["a3po_options"] = {"audit_interval": s.audit_interval}
         return make_actor(model, **options, **common)
 
-    actors = {name: build(name) for name in variants}
-    scorer = make_actor(model, **common)
-    snapshots = {name: [parameters(actor)] for name, actor in actors.items()}
-    per_step: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    actors = [build(v) for v in variants]
+    scorer = make_actor(model, **common)  # scores each batch with the snapshot of every token's version
+    lanes = []
+    for variant, actor in zip(variants, actors):
+        snapshots = [parameters(actor)]
+        stream = ScoredStream(scorer, snapshots, n_seqs=s.n_seqs, seq_len=s.seq_len, prompt_len=s.prompt_len,
+                              max_staleness=variant.staleness(s.max_staleness), seed=s.seed)
+        lanes.append(Lane(variant.name, actor, stream, variant, snapshots))
+    return run_interleaved(lanes, s.steps, ground_truth=audit and not s.audit_interval, progress=progress)
 
-    stats_tracker.export_all()
-    for step in range(steps):
-        for name in variants:  # interleaved: machine noise hits all variants alike
-            actor = actors[name]
-            rollout = _stale_rollout(scorer, snapshots[name], step, seed=seed, n_seqs=n_seqs, seq_len=seq_len, prompt_len=seq_len // 3, max_staleness=max_staleness)
-            trajs = rollout.trajectories()
-            if audit and not audit_interval and actor.config.a3po_enabled:  # ground truth, not timed
-                attach_recomputed_prox(actor, trajs)
-            timings: dict[str, float] = {}
-            train_step(actor, trajs, version=step, timings=timings)
-            stats = stats_tracker.export_all()
-            timings["total"] = sum(timings.values())
-            audited = "ppo_actor/update/a3po/audit/tokens" in stats
-            timings["audited"] = float(audited)
-            for key, stat in AUDIT_KEYS.items():
-                if audited:
-                    timings[key] = stats.get(f"ppo_actor/update/a3po/audit/{stat}", 0.0)
-            per_step[name].append(timings)
-            actor.set_version(step + 1)
-            snapshots[name].append(parameters(actor))
-            if progress is not None:
-                progress()
 
-    skip = 1 if steps > 1 else 0  # the first step carries one-off start-up cost
+def per_step(records: Iterable[StepRecord]) -> dict[str, list[dict[str, float]]]:
+    """Per variant, one row per step: seconds per phase run and in total, the recompute forwards in the
+    timed step, the update's gradient norm, whether it was audited and, if so, the audit's errors
+    (``AUDIT_KEYS``)."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for name, rows in by_lane(records).items():
+        out[name] = []
+        for r in rows:
+            row = dict(r.timings, total=r.total, audited=float(r.audited), recompute_forwards=r.recompute_forwards,
+                       grad_norm=r.grad_norm)
+            if r.audited:
+                row.update({key: r.audit(stat) for key, stat in AUDIT_KEYS.items()})
+            out[name].append(row)
+    return out
+
+
+def summarize(records: Iterable[StepRecord]) -> dict[str, dict[str, float]]:
+    """Per variant, over the steps after the first: median seconds per phase and in total; the audit's
+    errors averaged over audited steps (``abs_error_max``: their maximum); with the plugin's own audit,
+    the median total of audited and of plain steps. ``recompute_forwards``: over all steps."""
     summary = {}
-    for name, rows in per_step.items():
-        rows = rows[skip:]
-        summary[name] = {
-            key: statistics.median(r.get(key, 0.0) for r in rows)
-            for key in ("recompute_logp", "compute_advantage", "train_step", "total")
-        }
-        audited = [r for r in rows if r["audited"]]
-        plain = [r for r in rows if not r["audited"]]
-        for key in AUDIT_KEYS:
-            values = [r[key] for r in audited]
+    for name, rows in by_lane(records).items():
+        s = {key: median_after_warmup(rows, lambda r, key=key: r.timings.get(key, 0.0)) for key in PHASES}
+        s["total"] = median_after_warmup(rows)
+        kept = after_warmup(rows)
+        audited = [r for r in kept if r.audited]
+        plain = [r for r in kept if not r.audited]
+        for key, stat in AUDIT_KEYS.items():
+            values = [r.audit(stat) for r in audited]
             reduce = max if key == "abs_error_max" else statistics.fmean
-            summary[name][key] = reduce(values) if values else 0.0
-        summary[name]["audited_steps"] = len(audited)
-        if audit_interval and audited and plain:
-            summary[name]["total_audited"] = statistics.median(r["total"] for r in audited)
-            summary[name]["total_plain"] = statistics.median(r["total"] for r in plain)
-    return dict(
-        settings=dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len, seed=seed, audit_interval=audit_interval),
-        summary=summary,
-        per_step=per_step,
-    )
+            s[key] = reduce(values) if values else 0.0
+        s["audited_steps"] = len(audited)
+        if audited and plain and not any(r.ground_truth for r in audited):
+            s["total_audited"] = statistics.median(r.total for r in audited)
+            s["total_plain"] = statistics.median(r.total for r in plain)
+        s["recompute_forwards"] = sum(r.recompute_forwards for r in rows)
+        summary[name] = s
+    return summary
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -210,6 +160,23 @@ def format_table(result: dict[str, Any]) -> str:
             f"{s['train_step'] * 1e3:>8.1f}ms{s['total'] * 1e3:>8.1f}ms{ratio:>14}"
             f"{s['abs_error']:>15.2e}{s['abs_error_max']:>9.2e}{s['behave_weight_error']:>12.2e}"
         )
+    return "\n".join(lines)
+
+
+def format_savings(result: dict[str, Any]) -> str:
+    """Per variant other than recompute: its recompute forwards and the time it saves per step."""
+    s, steps = result["summary"], result["settings"]["steps"]
+    if "recompute" not in s:
+        return ""
+    saved, base = s["recompute"]["recompute_logp"], s["recompute"]["total"]
+    lines = []
+    for name, v in s.items():
+        if name == "recompute":
+            continue
+        n = v["recompute_forwards"]
+        what = "recompute forward skipped" if n == 0 else f"recompute forward on {n} of {steps} steps (the audit)"
+        lines.append(f"{name}: {what}, {saved * 1e3:.1f} ms/step saved ({saved / base:.0%} of the recompute step); "
+                     f"step time {v['total'] / base:.2f}x recompute")
     return "\n".join(lines)
 
 
@@ -234,7 +201,7 @@ def format_audit_table(result: dict[str, Any]) -> str:
 
 
 def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentParser:
-    """The command-line options of ``run`` (shared by the demo and the benchmarks)."""
+    """The command-line options of ``Settings`` (shared by the demo and ``benchmarks.step_time``)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--max-staleness", type=int, default=4)
@@ -250,34 +217,23 @@ def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentPar
     return parser
 
 
-def run_args(args: argparse.Namespace) -> tuple:
-    """``run``'s positional arguments from ``stream_parser``'s namespace."""
-    return args.steps, args.max_staleness, args.minibatches, args.seqs, args.seq_len, args.seed
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = stream_parser(__doc__, steps=12, seq_len=24).parse_args(argv)
-    result = run(*run_args(args), audit_interval=args.audit_interval)
+    settings = Settings.from_args(args)
+    result = run(settings)
     print()
     print(f"A-3PO CPU demo: tiny Qwen2, {args.steps} steps, staleness ≤ {args.max_staleness}, "
           f"ppo_n_minibatches={args.minibatches}, medians after step 0 (π_prox errors vs recomputed ground truth)")
     print(format_table(result))
-    s = result["summary"]
-    if "recompute" in s:
-        saved = s["recompute"]["recompute_logp"]
-        for name in s:
-            if name != "recompute":
-                print(f"{name}: recompute forward skipped, {saved * 1e3:.1f} ms/step saved "
-                      f"({saved / s['recompute']['total']:.0%} of the recompute step); step time "
-                      f"{s[name]['total'] / s['recompute']['total']:.2f}x recompute")
+    savings = format_savings(result)
+    if savings:
+        print(savings)
     if args.audit_interval:
         print()
         print(f"Audit (actor.a3po.audit_interval={args.audit_interval}): errors on audited steps vs recomputed π_prox, step times")
         print(format_audit_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    save(result, args.json)
+    return result
 
 
 if __name__ == "__main__":

@@ -42,15 +42,12 @@ import time
 from pathlib import Path
 
 from benchmarks.harness.launch import launch, without_spmd_env
+from benchmarks.harness.variants import COMPARED, VARIANTS
 from benchmarks.harness.train import STATS_FILE
 from benchmarks.output import save
 
-METHODS = {
-    "recompute": ["actor.prox_logp_method=recompute"],
-    "a3po-paper": ["actor.prox_logp_method=a3po", "actor.a3po.anchor=paper"],
-    "a3po-recompute": ["actor.prox_logp_method=a3po", "actor.a3po.anchor=recompute"],
-    "areal-loglinear": ["actor.prox_logp_method=loglinear"],
-}
+#: ``--methods``: the compared variants of the one registry, each as its Hydra overrides.
+METHODS = {name: VARIANTS[name].overrides() for name in COMPARED}
 #: Figures reported by the paper's authors and by AReaL's docs, printed next to ours (not measured here).
 REPORTED = {
     "paper v1 abstract": "18% less training time",
@@ -60,10 +57,11 @@ REPORTED = {
 
 
 def method_of(config) -> str:
+    """The registry's name of the variant a loaded config runs."""
     actor = config.actor
-    if actor.prox_logp_method == "a3po":
-        return f"a3po-{actor.a3po.anchor}"
-    return {"loglinear": "areal-loglinear"}.get(actor.prox_logp_method, actor.prox_logp_method)
+    anchor = actor.a3po.anchor if actor.prox_logp_method == "a3po" else None
+    return next((v.name for v in VARIANTS.values() if (v.prox_logp_method, v.anchor) == (actor.prox_logp_method, anchor)
+                 and not v.on_policy), actor.prox_logp_method)
 
 
 def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrides: list[str], synthetic: str | None, tag: str) -> list[dict]:

@@ -4,9 +4,9 @@
     python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape [--seq-len 1024 --seqs 16]
     python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape --dry-run   # plan only (CPU)
 
-All variants train the same tiny Qwen2 (real AReaL FSDP actor, CPU) on stale batches generated the
-same way (``benchmarks.demo``), interleaved step by step in one process so machine noise hits all
-alike. Reported per phase: median and interquartile range over the steps after the first; the
+All variants train the same tiny Qwen2 (real AReaL FSDP actor, CPU), one actor each, on stale
+batches scored by their own weight snapshots (the demo's run, ``benchmarks.demo``), interleaved step
+by step in one process (``benchmarks.harness.loop``) so machine noise hits all alike. Reported per phase: median and interquartile range over the steps after the first; the
 per-step ratio variant/recompute (median); the **limit ratio** (recompute step − recompute phase) /
 recompute step, the best any approximation can do; and the interpolation's own cost, timed alone on
 a batch of the same size, as a share of the recompute step. CPU timings: ratios, not absolute times,
@@ -15,24 +15,27 @@ are what carry over.
 ``--model qwen2.5-1.5b-shape`` (or ``tiny-shape``) uses a random-initialised model of that shipped
 architecture (``benchmarks/harness/shapes``; nothing downloaded) and **one shared actor** whose
 ``prox_logp_method`` is switched from variant to variant every step: one model and optimizer in
-memory instead of four, every variant timed on the same weights and the same batch. Its stale
-batches are the current policy's logprobs plus noise, tagged with versions up to ``--max-staleness``
+memory instead of four, every variant timed on the same weights and the same batch, in rotating
+order. Its stale batches (``NoisyStream``) are the current policy's logprobs plus noise, tagged with versions up to ``--max-staleness``
 back (per-version weight snapshots of a 1.5B model do not fit); timing does not depend on the
 values. ``--device cuda`` runs in bfloat16 and synchronises the device at every phase boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
 
 import torch
 
+from benchmarks.demo import Settings, per_step, run, stream_parser
+from benchmarks.harness import variants as registry
+from benchmarks.harness.loop import PHASES as LOOP_PHASES, after_warmup
 from benchmarks.output import save
 
-PHASES = ("recompute_logp", "compute_advantage", "train_step", "total")
-VARIANTS = ("recompute", "areal-loglinear", "a3po-paper", "a3po-recompute")
+PHASES = (*LOOP_PHASES, "total")
 
 
 def _quartiles(xs: list[float]) -> dict[str, float]:
@@ -60,7 +63,7 @@ def interpolation_cost(n_tokens: int, repeats: int = 200) -> float:
 
 
 def summarize(result: dict, n_tokens: int) -> dict:
-    per_step = {name: rows[1:] if len(rows) > 1 else rows for name, rows in result["per_step"].items()}
+    per_step = {name: after_warmup(rows) for name, rows in result["per_step"].items()}
     base = per_step["recompute"]
     out = {"phases": {}, "ratio_vs_recompute": {}}
     for name, rows in per_step.items():
@@ -116,56 +119,36 @@ def plot(summary: dict, path: str) -> None:
 MODELS = {"toy": None, "qwen2.5-1.5b-shape": "qwen2.5-1.5b", "tiny-shape": "tiny"}
 
 
-def shared_run(shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, *, dtype="float32", progress=None) -> dict:
+def shared_run(shape: str, settings: Settings, *, dtype: str = "float32", progress=None) -> dict:
     """The variants on one actor (``prox_logp_method`` switched per step) and a model of ``shape``."""
     with tempfile.TemporaryDirectory(prefix="a3po-step-time-") as workdir:
-        return _shared_run(workdir, shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, dtype, progress)
+        records = _train_shared(workdir, shape, settings, dtype, progress)
+    out = dataclasses.asdict(settings)
+    del out["audit_interval"]
+    return dict(settings=dict(out, model=shape, dtype=dtype, shared_actor=True), per_step=per_step(records))
 
 
-def _shared_run(workdir, shape, steps, max_staleness, minibatches, n_seqs, seq_len, seed, dtype, progress):
-    from areal.utils import stats_tracker
-
-    from benchmarks.demo import VARIANTS as OPTIONS
-    from benchmarks.harness.actor import train_step
-    from benchmarks.harness.models import build_model
-    from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
+def _train_shared(workdir, shape, s: Settings, dtype, progress):
     from benchmarks.harness.actor import make_actor
+    from benchmarks.harness.loop import Lane, run_interleaved
+    from benchmarks.harness.models import build_model
+    from benchmarks.harness.streams import NoisyStream
 
-    model = build_model(f"{workdir}/model", shape, seed=seed)
-    actor = make_actor(model, prox_logp_method="a3po", ppo_n_minibatches=minibatches, max_tokens_per_mb=seq_len,
+    model = build_model(f"{workdir}/model", shape, seed=s.seed)
+    actor = make_actor(model, prox_logp_method="a3po", ppo_n_minibatches=s.minibatches, max_tokens_per_mb=s.seq_len,
                        lr=1e-6, dtype=dtype, pad_to_maximum=True)
-    g = torch.Generator().manual_seed(seed)
-    per_step: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    prompt_len = seq_len // 3
-    stats_tracker.export_all()
-    for step in range(steps):
-        ids, loss_mask = random_tokens(n_seqs, seq_len, prompt_len, seed=seed * 1000 + step)
-        d = torch.randint(0, min(max_staleness, step) + 1, (n_seqs, 1), generator=g)
-        versions = torch.where(loss_mask.bool(), step - d, -1)
-        behave = (token_logprobs(actor, ids) + 0.1 * torch.randn(ids.shape, generator=g)) * loss_mask
-        rollout = Rollout(ids, loss_mask, versions, behave, (torch.rand(n_seqs, generator=g) > 0.5).float())
-        order = VARIANTS[step % len(VARIANTS):] + VARIANTS[: step % len(VARIANTS)]  # no variant always goes first
-        for name in order:  # interleaved on the same weights and batch
-            options = OPTIONS[name]
-            actor.config.prox_logp_method = options["prox_logp_method"]
-            actor.config.a3po.anchor = options.get("anchor", "paper")
-            timings: dict[str, float] = {}
-            train_step(actor, rollout.trajectories(), version=step, timings=timings)
-            timings["total"] = sum(timings.values())
-            per_step[name].append(timings)
-            stats_tracker.export_all()
-            if progress is not None:
-                progress()
-    settings = dict(steps=steps, max_staleness=max_staleness, minibatches=minibatches, n_seqs=n_seqs, seq_len=seq_len,
-                    seed=seed, model=shape, dtype=dtype, shared_actor=True)
-    return dict(settings=settings, per_step=per_step)
+    # One batch per step for every variant: the current policy's logprobs plus noise.
+    stream = NoisyStream(actor, n_seqs=s.n_seqs, seq_len=s.seq_len, prompt_len=s.prompt_len,
+                         max_staleness=s.max_staleness, seed=s.seed, noise=0.1)
+    lanes = [Lane(name, actor, stream, registry.get(name)) for name in registry.COMPARED]
+    return run_interleaved(lanes, s.steps, rotate=True, progress=progress)  # rotated: no variant always goes first
 
 
 def plan(args) -> str:
     """What ``main`` would run, without building the model (``--dry-run``)."""
     shape = MODELS[args.model]
     lines = [f"device={args.device} model={args.model} steps={args.steps} batch={args.seqs}x{args.seq_len} tokens "
-             f"ppo_n_minibatches={args.minibatches} max_staleness={args.max_staleness} variants={list(VARIANTS)}"]
+             f"ppo_n_minibatches={args.minibatches} max_staleness={args.max_staleness} variants={list(registry.COMPARED)}"]
     if shape is None:
         lines.append("toy model: one actor per variant, each scored by its own weight snapshots (benchmarks.demo)")
     else:
@@ -187,8 +170,6 @@ def _dtype(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.demo import run, run_args, stream_parser
-
     parser = stream_parser(__doc__, steps=30, seq_len=32)
     parser.add_argument("--plot", help="draw phase times per variant to this PNG")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -207,12 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tqdm import tqdm
 
-    with tqdm(total=args.steps * len(VARIANTS), desc="steps x variants", unit="step") as bar:
+    settings = Settings.from_args(args)
+    with tqdm(total=args.steps * len(registry.COMPARED), desc="steps x variants", unit="step") as bar:
         if MODELS[args.model] is None:
-            result = run(*run_args(args), variants=VARIANTS, audit=False, progress=bar.update)
+            result = run(settings, variants=registry.COMPARED, audit=False, progress=bar.update)
         else:
-            result = shared_run(MODELS[args.model], args.steps, args.max_staleness, args.minibatches, args.seqs,
-                                args.seq_len, args.seed, dtype=_dtype(args), progress=bar.update)
+            result = shared_run(MODELS[args.model], settings, dtype=_dtype(args), progress=bar.update)
     summary = summarize(result, n_tokens=args.seqs * args.seq_len // args.minibatches)
     print(format_table(summary))
     out = dict(settings=result["settings"], summary=summary, per_step=result["per_step"])
