@@ -31,6 +31,8 @@ _LAZY = {
     "A3POActorMixin": "areal_a3po.actor",
     "a3po_loss_fn": "areal_a3po.actor",
     "A3POWarning": "areal_a3po.actor",
+    "BatchCounts": "areal_a3po.batch",
+    "validate_batch": "areal_a3po.batch",
     "A3POTrainer": "areal_a3po.trainer",
     "actor_engine_class": "areal_a3po.trainer",
 }

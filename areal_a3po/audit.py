@@ -11,16 +11,34 @@ Pure torch (no AReaL import). With ``â_t = log π̂_prox(a_t)`` (approximation)
 - ``clip_disagreement``            1 where PPO's clip decision differs: the clipped branch is taken
                                    when Â > 0 and r > 1 + ε_high, or Â < 0 and r < 1 − ε
 - ``max_abs_error``                max over tokens of |â − p| (a total, not a per-token value)
+
+``audit_report`` measures one micro-batch (``AuditInputs``: the active approximation, the methods
+it is compared with, the truth) into an ``AuditReport``: every method's per-token errors, the
+tokens of each staleness d = k − v and the behaviour gap |b − p|. ``log_audit_report`` is the one
+place that writes a report to AReaL's ``stats_tracker`` (imported there, so this module stays
+importable without AReaL). ``AuditTotals`` sums the active method's errors over a step for the
+fallback's decision.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["AUDIT_METRICS", "AuditTotals", "clip_active", "token_errors"]
+__all__ = [
+    "AUDIT_METRICS",
+    "AuditInputs",
+    "AuditReport",
+    "AuditTotals",
+    "audit_report",
+    "clip_active",
+    "log_audit_report",
+    "token_errors",
+]
 
 #: Per-token errors, then the one max; every name is a valid ``fallback.metric``.
 TOKEN_METRICS = (
@@ -66,6 +84,106 @@ def token_errors(
             != clip_active(t - p, advantages, eps_clip, eps_clip_higher)
         ).float(),
     }
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """One micro-batch as the audit sees it: every tensor label-aligned and of one shape.
+
+    ``approx`` is the active approximation's log π̂_prox, ``others`` the log π̂_prox of each method
+    it is compared with, by name (``anchor_<name>``, ``areal_loglinear``), ``truth`` AReaL's
+    recomputed log π_prox, ``tokens`` (bool) the generated tokens with ``loss_mask`` = 1 and
+    ``staleness`` d = k − v per token.
+    """
+
+    approx: torch.Tensor
+    others: Mapping[str, torch.Tensor]
+    truth: torch.Tensor
+    behave: torch.Tensor
+    theta: torch.Tensor
+    advantages: torch.Tensor
+    tokens: torch.Tensor
+    staleness: torch.Tensor
+    minibatch: int
+    eps_clip: float
+    eps_clip_higher: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The audit of one micro-batch (minibatch j of the update). Per-token tensors are float32, 0 off ``tokens``.
+
+    ``active``/``others[name]``: ``TOKEN_METRICS`` → per-token error of the active approximation /
+    of each compared method; ``staleness``: d → the tokens with staleness d; ``behave_gap``:
+    |log π_behave − log π_prox| (for d = 0 in minibatch 0 the inference/trainer mismatch).
+    """
+
+    minibatch: int
+    tokens: torch.Tensor
+    active: dict[str, torch.Tensor]
+    others: dict[str, dict[str, torch.Tensor]]
+    staleness: dict[int, torch.Tensor]
+    behave_gap: torch.Tensor
+
+
+def audit_report(inputs: AuditInputs) -> AuditReport:
+    """Every method's errors against the truth on ``inputs.tokens``; one host sync (the staleness values)."""
+    tokens = inputs.tokens.bool()
+    zero = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+
+    def errors(approx: torch.Tensor) -> dict[str, torch.Tensor]:
+        e = token_errors(
+            approx, inputs.truth, inputs.behave, inputs.theta, inputs.advantages,
+            eps_clip=inputs.eps_clip, eps_clip_higher=inputs.eps_clip_higher,
+        )
+        return {k: torch.where(tokens, v, zero) for k, v in e.items()}
+
+    d = inputs.staleness
+    return AuditReport(
+        minibatch=inputs.minibatch,
+        tokens=tokens,
+        active=errors(inputs.approx),
+        others={name: errors(x) for name, x in inputs.others.items()},
+        staleness={int(v): tokens & (d == v) for v in torch.unique(d[tokens]).tolist()},
+        behave_gap=torch.where(tokens, (inputs.behave.float() - inputs.truth.float()).abs(), zero),
+    )
+
+
+def log_audit_report(report: AuditReport) -> None:
+    """Write ``report`` to AReaL's ``stats_tracker`` under the current scope (the actor's ``a3po``).
+
+    Keys: ``audit/<metric>`` and ``audit/max_abs_error`` (active method), ``audit/<name>/<metric>``
+    (each compared method), ``audit/minibatch_<j>/[<name>/]abs_error``,
+    ``audit/staleness_<d>/[<name>/]abs_error`` and ``audit/staleness_<d>/behave_gap``, each with its
+    token denominator (``audit/tokens``, ``audit/minibatch_<j>/tokens``, ``audit/staleness_<d>/tokens``).
+    Audit stats have denominators of their own: they are recorded on audited steps only, and a
+    stats_tracker denominator must have one entry per entry of each stat that uses it.
+    """
+    from areal.utils import stats_tracker
+
+    tokens = report.tokens
+    by_prefix = {"": report.active, **{f"{name}/": errs for name, errs in report.others.items()}}
+    stats_tracker.denominator(**{"audit/tokens": tokens})
+    for prefix, errs in by_prefix.items():
+        stats_tracker.stat(**{f"audit/{prefix}{k}": v for k, v in errs.items()}, denominator="audit/tokens")
+    stats_tracker.stat(
+        **{"audit/max_abs_error": report.active["abs_error"]},
+        denominator="audit/tokens",
+        reduce_type=stats_tracker.ReduceType.MAX,
+    )
+    mb_key = f"audit/minibatch_{report.minibatch}"  # π_θ has moved j/n of a version: errors differ by j
+    stats_tracker.denominator(**{f"{mb_key}/tokens": tokens})
+    for prefix, errs in by_prefix.items():
+        stats_tracker.stat(**{f"{mb_key}/{prefix}abs_error": errs["abs_error"]}, denominator=f"{mb_key}/tokens")
+    for d, sel in report.staleness.items():
+        key = f"audit/staleness_{d}"
+        zero = torch.zeros_like(report.behave_gap)
+        stats_tracker.denominator(**{f"{key}/tokens": sel})
+        stats_tracker.stat(
+            **{f"{key}/{prefix}abs_error": torch.where(sel, errs["abs_error"], zero) for prefix, errs in by_prefix.items()},
+            **{f"{key}/behave_gap": torch.where(sel, report.behave_gap, zero)},
+            denominator=f"{key}/tokens",
+        )
 
 
 class AuditTotals:

@@ -6,7 +6,8 @@ Realistic staleness on the real AReaL FSDP actor (tiny Qwen2, CPU): for each n, 
 first trained for ``--max-staleness`` steps (AReaL's recompute with ``ppo_n_minibatches`` n, on its
 own samples, rewarded for emitting digits) to get weight snapshots at versions 0..K. Then, for each staleness d and each ``ppo_n_minibatches`` n, a fresh actor at
 version k = K takes one PPO step on a batch **sampled** by the snapshot k − d (the toy inference
-engine, ``benchmarks.harness.streams.Sampler``; every response token has version k − d, prompt −1).
+engine, ``benchmarks.harness.streams.SampledStream``; every response token has version k − d,
+prompt −1). The history runs through the harness's loop (``benchmarks.harness.loop``).
 
 The step trains on the recomputed π_prox (the plugin's fallback mode, so θ follows AReaL's
 recompute path exactly) while the plugin's audit measures, in every minibatch j, each method's
@@ -30,28 +31,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import statistics
 import tempfile
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
 
 from areal_a3po.audit import token_errors
 from areal_a3po.proximal import ANCHORS, loglinear_interpolation
+from benchmarks.harness.loop import AUDIT_PREFIX
 from benchmarks.harness.tasks import digit_share
 from benchmarks.output import save
 
-#: method label -> (interpolation of the actor that measures it, stats prefix under audit/)
-METHODS = {
+#: The approximations measured, label -> (interpolation of the actor that measures it, its stats
+#: prefix under ``a3po/audit/``): not variants of ``benchmarks.harness.variants``, rows of the audit.
+APPROXIMATIONS = {
     "a3po recompute/loglinear": ("loglinear", ""),
     "a3po paper/loglinear": ("loglinear", "anchor_paper/"),
     "a3po recompute/linear": ("linear", ""),
     "a3po paper/linear": ("linear", "anchor_paper/"),
     "AReaL loglinear": ("loglinear", "areal_loglinear/"),
 }
-AUDIT = "ppo_actor/update/a3po/audit/"
+AUDIT = AUDIT_PREFIX
 TARGET_METHOD, BASELINE = "a3po recompute/loglinear", "AReaL loglinear"
-#: The oracle's label (a row next to METHODS) and the anchors whose α is shown next to its fitted α.
+#: The oracle's label (a row next to APPROXIMATIONS) and the anchors whose α is shown next to its fitted α.
 ORACLE, SHOWN_ANCHORS = "oracle", ("recompute", "paper")
 #: Errors this small count as equal in the ratios to the oracle (n = 1 gives exact zeros).
 RATIO_FLOOR = 1e-12
@@ -100,19 +105,19 @@ def audited_inputs():
 
     Yields a list that fills with one dict per audited micro-batch: ``minibatch`` j, ``behave``,
     ``theta`` (detached), ``truth`` (recomputed π_prox), ``tokens`` (the audited ones), ``advantages``
-    and the clip ε's. Wraps ``areal_a3po.actor._audit`` for the duration of the ``with`` only.
+    and the clip ε's. Wraps ``areal_a3po.loss._audit`` for the duration of the ``with`` only.
     """
-    from areal_a3po import actor as plugin
+    from areal_a3po import loss as plugin
 
     audit, seen = plugin._audit, []
 
-    def capture(approx, truth, input_data, theta_logp, tokens, **kwargs):
+    def capture(inputs, step_audit):
         seen.append(dict(
-            minibatch=kwargs["minibatch"], behave=input_data["logprobs"].detach().clone(), theta=theta_logp.detach().clone(),
-            truth=truth.detach().clone(), tokens=tokens.clone(), advantages=input_data["advantages"].detach().clone(),
-            eps_clip=kwargs["eps_clip"], eps_clip_higher=kwargs["eps_clip_higher"],
+            minibatch=inputs.minibatch, behave=inputs.behave.detach().clone(), theta=inputs.theta.detach().clone(),
+            truth=inputs.truth.detach().clone(), tokens=inputs.tokens.clone(), advantages=inputs.advantages.detach().clone(),
+            eps_clip=inputs.eps_clip, eps_clip_higher=inputs.eps_clip_higher,
         ))
-        return audit(approx, truth, input_data, theta_logp, tokens, **kwargs)
+        return audit(inputs, step_audit)
 
     with mock.patch.object(plugin, "_audit", capture):
         yield seen
@@ -151,57 +156,61 @@ def _oracle_cell(n: int, d: int, K: int, seen: list[dict]) -> dict:
     )
 
 
-def _sampled_batch(sampler, snapshot, *, version, n_seqs, prompt_len, new_tokens, seed):
-    from benchmarks.harness.models import VOCAB
-    from benchmarks.harness.streams import Rollout
+@dataclass(frozen=True)
+class Settings:
+    """The run: for each ``ppo_n_minibatches`` in ``minibatches``, ``max_staleness`` (K) steps of
+    history, then one step per staleness 0..K, on batches of ``n_seqs`` sequences of ``prompt_len``
+    random prompt tokens and ``new_tokens`` sampled ones."""
 
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, len(VOCAB), (n_seqs, prompt_len), generator=g)
-    sampler.load(snapshot)
-    ids, logprobs = sampler.sample(prompts, new_tokens, generator=g)
-    loss_mask = torch.zeros_like(ids, dtype=torch.int32)
-    loss_mask[:, prompt_len:] = 1
-    versions = torch.where(loss_mask.bool(), version, -1)
-    return Rollout(ids, loss_mask, versions, logprobs, digit_share(ids[:, prompt_len:]))
+    max_staleness: int = 8
+    minibatches: tuple[int, ...] = (1, 2, 4)
+    n_seqs: int = 16
+    prompt_len: int = 8
+    new_tokens: int = 16
+    lr: float = 2e-3
+    seed: int = 0
 
 
-def run(max_staleness=8, minibatches=(1, 2, 4), n_seqs=16, prompt_len=8, new_tokens=16, lr=2e-3, seed=0, progress=None) -> dict:
+def run(settings: Settings = Settings(), *, progress=None) -> dict:
+    """Every (n, d) cell of every approximation and the oracle, and ``summarize``'s summary."""
     with tempfile.TemporaryDirectory(prefix="a3po-accuracy-") as workdir:
-        return _run(workdir, max_staleness, list(minibatches), n_seqs, prompt_len, new_tokens, lr, seed, progress)
+        cells = _measure(workdir, settings, progress)
+    out = dataclasses.asdict(settings)
+    out["minibatches"] = list(settings.minibatches)
+    return dict(settings=out, cells=cells, summary=summarize(cells))
 
 
-def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, progress):
+def _measure(workdir: str, s: Settings, progress) -> list[dict]:
     from areal.utils import stats_tracker
 
-    from benchmarks.harness.actor import train_step
-    from benchmarks.harness.streams import Sampler
+    from benchmarks.harness.actor import load_parameters, make_actor, parameters, train_step
+    from benchmarks.harness.loop import Lane, run_interleaved
     from benchmarks.harness.models import build_model
-    from benchmarks.harness.actor import load_parameters, make_actor, parameters
+    from benchmarks.harness.streams import SampledStream, Sampler, random_prompts
 
-    model = build_model(f"{workdir}/model", "toy", seed=seed)
-    seq_len = prompt_len + new_tokens
+    K = s.max_staleness
+    model = build_model(f"{workdir}/model", "toy", seed=s.seed)
     sampler = Sampler(model)
-    batch = dict(n_seqs=n_seqs, prompt_len=prompt_len, new_tokens=new_tokens)
 
     cells = []  # one per (n, d, method)
-    for n in minibatches:
+    for n in s.minibatches:
         # One actor per n, in the plugin's recompute (fallback) mode: it trains exactly like AReaL's
         # recompute while its audit measures every approximation. History: K on-policy steps,
         # snapshots at versions 0..K; then, from the same weights *and optimizer state* at version
         # K, one step per (staleness, interpolation).
         actor = make_actor(
-            model, prox_logp_method="a3po", anchor="recompute", ppo_n_minibatches=n, max_tokens_per_mb=seq_len, lr=lr,
-            a3po_options={"audit_interval": 1, "fallback": {"threshold": 1e9, "recover_after": 0}},
+            model, prox_logp_method="a3po", anchor="recompute", ppo_n_minibatches=n, max_tokens_per_mb=s.prompt_len + s.new_tokens,
+            lr=s.lr, a3po_options={"audit_interval": 1, "fallback": {"threshold": 1e9, "recover_after": 0}},
         )
         actor.actor.load_state_dict({"fallback": {"mode": "recompute"}})
         snapshots = [parameters(actor)]
-        for v in range(K):
-            rollout = _sampled_batch(sampler, snapshots[v], version=v, seed=seed * 7919 + v, **batch)
-            train_step(actor, rollout.trajectories(), version=v)
-            snapshots.append(parameters(actor))
+        # Batch at version v: a generator seeded seed·7919 + v; the history is on-policy (d = 0).
+        stream = SampledStream(sampler, snapshots, prompts=random_prompts(s.n_seqs, s.prompt_len), new_tokens=s.new_tokens,
+                               reward=lambda prompts, responses: digit_share(responses), staleness=0, seed=s.seed * 7919)
+        run_interleaved([Lane(f"history n={n}", actor, stream, snapshots=snapshots)], K)
         optimizer_state = copy.deepcopy(actor.optimizer.state_dict())
         for d in range(K + 1):
-            rollout = _sampled_batch(sampler, snapshots[K - d], version=K - d, seed=seed * 7919 + 1000 + 10 * n + d, **batch)
+            rollout = stream.batch(K, staleness=d, seed=s.seed * 7919 + 1000 + 10 * n + d)
             for interpolation in ("loglinear", "linear"):
                 load_parameters(actor, snapshots[K])
                 actor.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
@@ -213,7 +222,7 @@ def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, prog
                 if interpolation == "loglinear":  # the linear step trains identically: one oracle per (n, d)
                     oracle = _oracle_cell(n, d, K, seen)
                     cells.append(oracle)
-                for method, (interp, prefix) in METHODS.items():
+                for method, (interp, prefix) in APPROXIMATIONS.items():
                     if interp != interpolation:
                         continue
                     cells.append(dict(
@@ -231,8 +240,7 @@ def _run(workdir, K, minibatches, n_seqs, prompt_len, new_tokens, lr, seed, prog
                 if progress is not None:
                     progress()
         del actor
-    settings = dict(max_staleness=K, minibatches=minibatches, n_seqs=n_seqs, prompt_len=prompt_len, new_tokens=new_tokens, lr=lr, seed=seed)
-    return dict(settings=settings, cells=cells, summary=summarize(cells))
+    return cells
 
 
 def summarize(cells: list[dict]) -> dict:
@@ -242,7 +250,7 @@ def summarize(cells: list[dict]) -> dict:
     out: dict = {"by_minibatches": {}}
     for n in sorted({c["minibatches"] for c in cells}):
         per_method = {}
-        for method in (*METHODS, ORACLE):
+        for method in (*APPROXIMATIONS, ORACLE):
             mine = [c for c in cells if c["minibatches"] == n and c["method"] == method]
             per_method[method] = dict(
                 abs_error=statistics.fmean(c["abs_error"] for c in mine),
@@ -252,7 +260,7 @@ def summarize(cells: list[dict]) -> dict:
                 by_minibatch=[statistics.fmean(c["by_minibatch"][j] for c in mine) for j in range(n)],
             )
         oracle = per_method[ORACLE]
-        for method in METHODS:
+        for method in APPROXIMATIONS:
             s = per_method[method]
             s["over_oracle"] = over_oracle(s["abs_error"], oracle["abs_error"])
             s["over_oracle_by_minibatch"] = [over_oracle(e, o) for e, o in zip(s["by_minibatch"], oracle["by_minibatch"])]
@@ -265,7 +273,7 @@ def summarize(cells: list[dict]) -> dict:
     mean_of = lambda method: statistics.fmean(c["abs_error"] for c in cells if c["method"] == method)  # noqa: E731
     out["overall"] = {
         "oracle_abs_error": mean_of(ORACLE),
-        "over_oracle": {method: over_oracle(mean_of(method), mean_of(ORACLE)) for method in METHODS},
+        "over_oracle": {method: over_oracle(mean_of(method), mean_of(ORACLE)) for method in APPROXIMATIONS},
     }
     one = out["by_minibatches"].get("1")
     four = out["by_minibatches"].get("4")
@@ -292,7 +300,7 @@ def format_tables(result: dict) -> str:
                 + f"{s['abs_error']:>10.2e}{s['max_abs_error']:>10.2e}{s['behave_weight_error']:>10.2e}{s['clip_disagreement']:>8.2%}"
             )
         lines.append(f"{'error ÷ oracle error':<26}" + d_columns + f"{'all':>10}")
-        for method in METHODS:
+        for method in APPROXIMATIONS:
             row = {c["staleness"]: c["over_oracle"] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
             lines.append(f"{method:<26}" + "".join(f"{row[d]:>9.3g}" for d in range(K + 1)) + f"{per_method[method]['over_oracle']:>10.3g}")
         if int(n) > 1:
@@ -300,7 +308,7 @@ def format_tables(result: dict) -> str:
                 f"{m}: " + " ".join(f"{e:.1e}" for e in s["by_minibatch"]) for m, s in per_method.items()
             ))
             lines.append(f"  by minibatch j, error ÷ oracle error: " + "; ".join(
-                f"{m}: " + " ".join(f"{r:.3g}" for r in per_method[m]["over_oracle_by_minibatch"]) for m in METHODS
+                f"{m}: " + " ".join(f"{r:.3g}" for r in per_method[m]["over_oracle_by_minibatch"]) for m in APPROXIMATIONS
             ))
         lines.append(f"{'α on π_behave, per j':<26}" + d_columns + "   (oracle: fitted to the truth; anchors: their formulas)")
         alphas = per_method[ORACLE]["alpha_by_staleness"]
@@ -334,7 +342,7 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey="row")
     for col, n in enumerate(groups):
         ax = axes[0][col]
-        for method in (*METHODS, ORACLE):
+        for method in (*APPROXIMATIONS, ORACLE):
             pts = sorted((c["staleness"], c["abs_error"]) for c in result["cells"] if c["minibatches"] == int(n) and c["method"] == method)
             style = dict(color="black", ls="--") if method == ORACLE else {}
             ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", ms=3, label=method, **style)
@@ -374,7 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     total = 2 * len(args.minibatches) * (args.max_staleness + 1)
     with tqdm(total=total, desc="(n, d, interpolation)", unit="step") as bar:
-        result = run(args.max_staleness, args.minibatches, args.seqs, args.prompt_len, args.new_tokens, args.lr, args.seed, progress=bar.update)
+        settings = Settings(max_staleness=args.max_staleness, minibatches=tuple(args.minibatches), n_seqs=args.seqs,
+                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, lr=args.lr, seed=args.seed)
+        result = run(settings, progress=bar.update)
     print(format_tables(result))
     save(result, args.json, lambda path: plot(result, path), args.plot)
     return result

@@ -1,70 +1,49 @@
-"""The plugin's actor against AReaL's own recompute path, on the real FSDP actor on CPU.
+"""The plugin's actor against AReaL's own actor, on the real FSDP actor on CPU.
 
 Each test builds fresh actors from the same tiny Qwen2, so they start from identical weights and
-fresh optimizers, feeds them the same stale batch, runs one ``ppo_update`` and compares weights.
+fresh optimizers, feeds them the same stale batch, runs one update and compares weights. The
+engine-shaped batch (``helpers.engine_rollout``) has rows of different lengths (AReaL pads them),
+int32 ids/loss_mask/versions, several version switches inside one response and a one-token prompt.
 """
 
 import pytest
 import torch
+from helpers import (
+    B,
+    K,
+    PROMPT,
+    T,
+    a3po_update,
+    engine_rollout,
+    exported_stats,
+    label_aligned,
+    mixed_versions,
+    paper_prox,
+    recompute_update,
+    stale_rollout,
+)
 
-from benchmarks.harness.actor import make_actor, parameters
-from benchmarks.harness.streams import Rollout, random_tokens, token_logprobs
+from benchmarks.harness.actor import make_actor, parameters, train_step
 
 pytestmark = pytest.mark.integration
 
-B, T, PROMPT = 4, 12, 5
-K = 3  # trainer version during the step
 
-
-def stale_rollout(reference_actor, versions: torch.Tensor, *, noise: float = 0.3, seed: int = 0) -> Rollout:
-    """Behaviour logprobs = the model's own token logprobs + noise (a stand-in for older weights)."""
-    ids, loss_mask = random_tokens(B, T, PROMPT, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    logp = token_logprobs(reference_actor, ids)
-    behave = (logp + noise * torch.randn(B, T, generator=g)) * loss_mask
-    rewards = torch.tensor([1.0, -1.0, 0.5, -0.5])  # every sequence has an advantage
-    return Rollout(ids, loss_mask, versions, behave, rewards)
-
-
-def mixed_versions() -> torch.Tensor:
-    """Per-token versions at k = 3, prompt = -1; row 1's response switches version mid-way."""
-    v = torch.full((B, T), -1)
-    v[0, PROMPT:] = 3  # d = 0
-    v[1, PROMPT:8] = 1  # d = 2 ...
-    v[1, 8:] = 2  # ... then d = 1 from token 8 on
-    v[2, PROMPT:] = 2  # d = 1
-    v[3, PROMPT:] = 0  # d = 3
-    return v
-
-
-def recompute_update(actor, rollout: Rollout, prox_logp: torch.Tensor | None = None, *, version: int = K) -> None:
-    """AReaL's recompute path: π_prox from the forward pass, or the given label-aligned tensor."""
-    trajs = rollout.trajectories()
-    prox = actor.compute_logp(trajs) if prox_logp is None else [p[None] for p in prox_logp]
-    for traj, p in zip(trajs, prox):
-        traj["prox_logp"] = p
-    actor.set_version(version)
-    actor.ppo_update(actor.compute_advantages(trajs))
-
-
-def a3po_update(actor, rollout: Rollout) -> None:
-    actor.set_version(K)
-    actor.ppo_update(actor.compute_advantages(rollout.trajectories()))
-
-
-def paper_prox(theta_label: torch.Tensor, rollout: Rollout, versions_label: torch.Tensor) -> torch.Tensor:
-    """The paper's formula written out here, independently of the plugin: d = k - v,
-    log π_prox = (1/d)·log π_behave + (1 - 1/d)·log π_θ for d ≥ 1, log π_θ for d = 0."""
-    behave_label = torch.roll(rollout.logprobs, -1, dims=-1)
-    mask_label = torch.roll(rollout.loss_mask, -1, dims=-1).bool()
-    d = (K - versions_label).double()
-    alpha = torch.where(mask_label & (versions_label >= 0) & (d >= 1), 1.0 / d.clamp(min=1), 0.0)
-    return (alpha * behave_label + (1 - alpha) * theta_label).float()
+def test_engine_batch_is_shaped_like_the_rlvr_workflows(tiny_model):
+    # The batch the comparisons below use: what RLVRWorkflow returns, before AReaL pads it.
+    trajs = engine_rollout(make_actor(tiny_model, plugin=False, max_tokens_per_mb=T)).trajectories()
+    assert [t["input_ids"].shape[1] for t in trajs] == [12, 9, 7, 12]
+    for key in ("input_ids", "loss_mask", "versions"):
+        assert {t[key].dtype for t in trajs} == {torch.int32}, key
+    assert trajs[0]["versions"][0, 5:].tolist() == [1, 1, 2, 2, 3, 3, 3]
+    assert trajs[2]["loss_mask"][0].tolist() == [0, 1, 1, 1, 1, 1, 1]  # one-token prompt
 
 
 def test_recompute_anchor_one_minibatch_equals_areal_recompute(tiny_model):
+    # One minibatch: anchor 'recompute' has α = 0, π_prox = π_θ = π at version k, which is what
+    # AReaL's recompute forward returns; a wrong anchor (paper: α = 1/d on stale tokens) moves
+    # the weights elsewhere.
     ref = make_actor(tiny_model, plugin=False, max_tokens_per_mb=T)
-    rollout = stale_rollout(ref, mixed_versions())
+    rollout = engine_rollout(ref)
     before = parameters(ref)
     recompute_update(ref, rollout)
 
@@ -103,27 +82,23 @@ def test_recompute_anchor_is_exact_in_later_minibatches_when_behaviour_is_curren
 
 def test_paper_anchor_equals_areal_recompute_fed_with_the_paper_formula(tiny_model):
     ref = make_actor(tiny_model, plugin=False, max_tokens_per_mb=T)
-    versions = mixed_versions()
-    rollout = stale_rollout(ref, versions)
-    theta = torch.cat(ref.compute_logp(rollout.trajectories()), dim=0)  # π_θ at j = 0 (n = 1)
-    aligned = torch.roll(versions, -1, dims=-1)
-    prox = paper_prox(theta, rollout, aligned)
-    recompute_update(ref, rollout, prox_logp=prox)
+    rollout = engine_rollout(ref)
+    theta = ref.compute_logp(rollout.trajectories())  # π_θ at j = 0 (n = 1), one [1, n_i] per row
+    recompute_update(ref, rollout, prox_logp=paper_prox(theta, rollout, label_aligned(rollout, "versions")))
 
     a3po = make_actor(tiny_model, prox_logp_method="a3po", anchor="paper", max_tokens_per_mb=T)
     a3po_update(a3po, rollout)
     assert (parameters(a3po) - parameters(ref)).abs().max().item() <= 1e-6
 
     # The alignment matters: AReaL's unrolled versions (one token off) give a different π_prox at
-    # the version switch of row 1, and a different update.
+    # every version switch, and a different update.
     misaligned = make_actor(tiny_model, plugin=False, max_tokens_per_mb=T)
-    recompute_update(misaligned, rollout, prox_logp=paper_prox(theta, rollout, versions))
+    unaligned = [t["versions"] for t in rollout.trajectories()]
+    recompute_update(misaligned, rollout, prox_logp=paper_prox(theta, rollout, unaligned))
     assert (parameters(misaligned) - parameters(ref)).abs().max().item() > 1e-6
 
 
 def test_a3po_runs_no_recompute_forward(tiny_model):
-    from benchmarks.harness.actor import train_step
-
     counts = {}
     for method in ("recompute", "a3po"):
         actor = make_actor(tiny_model, prox_logp_method=method, max_tokens_per_mb=T)
@@ -139,19 +114,19 @@ def test_a3po_runs_no_recompute_forward(tiny_model):
 
 
 def test_a3po_metrics_reach_stats_tracker(tiny_model):
-    from areal.utils import stats_tracker
-
-    stats_tracker.export_all()  # start from an empty tracker
     actor = make_actor(tiny_model, prox_logp_method="a3po", anchor="paper", max_tokens_per_mb=T)
-    a3po_update(actor, stale_rollout(actor, mixed_versions()))
-    stats = stats_tracker.export_all()
+    rollout = stale_rollout(actor, mixed_versions())
+    stats = exported_stats(lambda: a3po_update(actor, rollout))
     # generated tokens after label alignment: each row has T - PROMPT = 7, now at positions
     # PROMPT-1 .. T-2 (position t predicts token t+1) -> 4 * 7 = 28
     assert stats["ppo_actor/update/a3po/a3po_tokens"] == 28
-    # staleness per token: row0 6x d=0; row1 v=1 for 2 tokens (label positions 5,6 -> tokens 6,7)...
+    # staleness per token: row 0 d = 0, row 1 d = 2 then 1, row 2 d = 1, row 3 d = 3
     assert stats["ppo_actor/update/a3po/staleness/max"] == 3.0
     assert stats["ppo_actor/update/a3po/staleness/min"] == 0.0
-    assert 0.0 <= stats["ppo_actor/update/a3po/alpha/avg"] <= 1.0
+    # mean d = (7·0 + 3·2 + 4·1 + 7·1 + 7·3) / 28 = 38/28 (row 1: v = 1 on tokens 5..7, v = 2 on 8..11)
+    assert stats["ppo_actor/update/a3po/staleness/avg"] == pytest.approx(38 / 28, rel=1e-6)
+    # mean α = (7·0 + 3·(1/2) + 4·1 + 7·1 + 7·(1/3)) / 28 = (1.5 + 11 + 7/3) / 28 = 14.8333/28
+    assert stats["ppo_actor/update/a3po/alpha/avg"] == pytest.approx((1.5 + 11 + 7 / 3) / 28, rel=1e-6)
     assert stats["ppo_actor/update/a3po/alpha/max"] == 1.0  # d = 1 tokens
     for key in ("behave_imp_weight", "importance_weight"):
         assert f"ppo_actor/update/a3po/{key}/avg" in stats
@@ -166,16 +141,24 @@ def test_missing_versions_is_a_clear_error(tiny_model):
         actor.compute_advantages(trajs)
 
 
-def test_other_methods_behave_exactly_like_areal(tiny_model):
-    # prox_logp_method=loglinear through the plugin's actor == AReaL's actor, weights bit for bit.
-    rollout = None
-    params = []
+@pytest.mark.parametrize("method", ["recompute", "loglinear", "metrics"])
+def test_areal_methods_through_the_plugin_equal_areals_own_actor(tiny_model, method):
+    # Any prox_logp_method but a3po: the plugin's actor is AReaL's, call for call. Two trainer steps
+    # (recompute forward where the method needs one), then weights bit for bit and every stat
+    # AReaL logged (but wall-clock times) equal.
+    results = []
     for plugin in (False, True):
-        actor = make_actor(tiny_model, prox_logp_method="loglinear", plugin=plugin, max_tokens_per_mb=T)
-        rollout = rollout or stale_rollout(actor, mixed_versions())
-        a3po_update(actor, rollout)
-        params.append(parameters(actor))
-    assert torch.equal(params[0], params[1])
+        actor = make_actor(tiny_model, prox_logp_method=method, plugin=plugin, max_tokens_per_mb=T)
+        rollouts = [engine_rollout(actor, seed=0), engine_rollout(actor, seed=1)]
+        stats = {}
+        for step, rollout in enumerate(rollouts):
+            logged = exported_stats(lambda: train_step(actor, rollout.trajectories(), version=K + step))
+            stats.update({f"{step}/{k}": v for k, v in logged.items() if "timeperf" not in k})
+        results.append((parameters(actor), stats))
+    (areal_weights, areal_stats), (plugin_weights, plugin_stats) = results
+    assert torch.equal(areal_weights, plugin_weights)
+    assert plugin_stats.keys() == areal_stats.keys() and not any("a3po" in k for k in plugin_stats)
+    assert plugin_stats == pytest.approx(areal_stats, rel=0, abs=0, nan_ok=True)
 
 
 @pytest.mark.parametrize("anchor", ["paper", "recompute"])
@@ -183,26 +166,22 @@ def test_audit_error_equals_the_error_computed_here(tiny_model, anchor):
     # With a recomputed π_prox in the batch, a3po logs |approx - recomputed|. One minibatch, so
     # π_θ = recomputed π_prox: anchor 'recompute' is exact (error 0), 'paper' is off by
     # |paper formula - π_θ| = α·|log π_behave - log π_θ| on each token.
-    from areal.utils import stats_tracker
-
     actor = make_actor(tiny_model, prox_logp_method="a3po", anchor=anchor, max_tokens_per_mb=T)
-    versions = mixed_versions()
-    rollout = stale_rollout(actor, versions)
+    rollout = engine_rollout(actor)
     trajs = rollout.trajectories()
     truth = actor.compute_logp(trajs)
     for traj, p in zip(trajs, truth):
         traj["prox_logp"] = p
-    theta = torch.cat(truth, dim=0)
-    stats_tracker.export_all()
-    actor.set_version(K)
-    actor.ppo_update(actor.compute_advantages(trajs))
-    stats = stats_tracker.export_all()
+    stats = exported_stats(lambda: a3po_update(actor, trajs))
 
-    tokens = torch.roll(rollout.loss_mask, -1, dims=-1).bool()
-    expected = (paper_prox(theta, rollout, torch.roll(versions, -1, dims=-1)) - theta).abs()[tokens]
+    tokens = torch.cat([m.bool() & (v >= 0) for m, v in zip(label_aligned(rollout, "loss_mask"), label_aligned(rollout, "versions"))], -1)
+    approx = torch.cat(paper_prox(truth, rollout, label_aligned(rollout, "versions")), -1)
+    expected = (approx - torch.cat(truth, -1)).abs()[tokens]
+    assert stats["ppo_actor/update/a3po/audit/tokens"] == tokens.sum().item() == 27  # 7 + 6 + 6 + 8
     if anchor == "recompute":
         assert stats["ppo_actor/update/a3po/audit/abs_error/max"] == 0.0
     else:
         assert expected.mean().item() > 1e-3
         assert stats["ppo_actor/update/a3po/audit/abs_error/avg"] == pytest.approx(expected.mean().item(), rel=1e-5)
         assert stats["ppo_actor/update/a3po/audit/abs_error/max"] == pytest.approx(expected.max().item(), rel=1e-5)
+

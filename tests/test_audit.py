@@ -1,4 +1,4 @@
-"""The audit's per-token errors and their cross-rank totals, against values computed by hand."""
+"""The audit's per-token errors, its report and stats keys, and its cross-rank totals, against values by hand."""
 
 import math
 import multiprocessing
@@ -7,7 +7,16 @@ import socket
 import pytest
 import torch
 
-from areal_a3po.audit import AUDIT_METRICS, AuditTotals, clip_active, token_errors
+from areal_a3po.audit import (
+    AUDIT_METRICS,
+    TOKEN_METRICS,
+    AuditInputs,
+    AuditTotals,
+    audit_report,
+    clip_active,
+    log_audit_report,
+    token_errors,
+)
 
 L = math.log
 
@@ -49,6 +58,62 @@ def test_clip_active_uses_eps_clip_higher_for_positive_advantages():
     adv = torch.tensor([1.0, -1.0])
     assert clip_active(log_r, adv, 0.2).tolist() == [True, True]
     assert clip_active(log_r, adv, 0.2, eps_clip_higher=0.5).tolist() == [False, True]
+
+
+def _audited_minibatch() -> AuditInputs:
+    # Four tokens (the last one masked: garbage there must not count), minibatch j = 1, θ = truth p:
+    #   p = [-1, -2, -3, -4], active â = [-1, -1.5, -3.5, ·], behaviour b = [-1.2, -1, -4, ·],
+    #   staleness d = [0, 1, 1, ·]; compared methods: 'anchor_recompute' = p (exact), 'areal_loglinear' = b.
+    p = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    b = torch.tensor([-1.2, -1.0, -4.0, 9.0])
+    return AuditInputs(
+        approx=torch.tensor([-1.0, -1.5, -3.5, 50.0]), others={"anchor_recompute": p.clone(), "areal_loglinear": b.clone()},
+        truth=p, behave=b, theta=p.clone(), advantages=torch.tensor([1.0, -1.0, 1.0, 1.0]),
+        tokens=torch.tensor([True, True, True, False]), staleness=torch.tensor([0.0, 1.0, 1.0, 2.0]), minibatch=1, eps_clip=0.2,
+    )
+
+
+def test_audit_report_by_hand():
+    # |â − p| = [0, .5, .5] and |b − p| = [.2, 1, 1] on the tokens, 0 on the masked one.
+    # Clip (θ = p, so the true ratio is 1, never clipped): r̂ = e^(p − â) = [1, e^-.5 = .607 (Â < 0: < .8, clipped),
+    # e^.5 = 1.649 (Â > 0: > 1.2, clipped)] -> disagreement [0, 1, 1].
+    report = audit_report(_audited_minibatch())
+    assert report.minibatch == 1 and report.tokens.tolist() == [True, True, True, False]
+    torch.testing.assert_close(report.active["abs_error"], torch.tensor([0.0, 0.5, 0.5, 0.0]), rtol=0, atol=1e-7)
+    assert report.active["clip_disagreement"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert set(report.active) == set(TOKEN_METRICS) and sorted(report.others) == ["anchor_recompute", "areal_loglinear"]
+    assert all(v.abs().max() == 0 for v in report.others["anchor_recompute"].values())
+    torch.testing.assert_close(report.others["areal_loglinear"]["abs_error"], torch.tensor([0.2, 1.0, 1.0, 0.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(report.behave_gap, torch.tensor([0.2, 1.0, 1.0, 0.0]), rtol=0, atol=1e-6)
+    assert {d: sel.tolist() for d, sel in report.staleness.items()} == {0: [True, False, False, False], 1: [False, True, True, False]}
+
+
+def test_log_audit_report_writes_exactly_these_keys():
+    from areal.utils import stats_tracker
+
+    stats_tracker.export_all()
+    with stats_tracker.scope("a3po"):
+        log_audit_report(audit_report(_audited_minibatch()))
+    stats = stats_tracker.export_all()
+
+    methods = ["", "anchor_recompute/", "areal_loglinear/"]
+    averaged = [f"audit/{m}{metric}" for m in methods for metric in TOKEN_METRICS]
+    averaged += [f"audit/{bucket}/{m}abs_error" for bucket in ("minibatch_1", "staleness_0", "staleness_1") for m in methods]
+    averaged += ["audit/staleness_0/behave_gap", "audit/staleness_1/behave_gap"]
+    plain = ["audit/tokens", "audit/max_abs_error", "audit/minibatch_1/tokens", "audit/staleness_0/tokens", "audit/staleness_1/tokens"]
+    assert set(stats) == {f"a3po/{k}/{agg}" for k in averaged for agg in ("avg", "max", "min")} | {f"a3po/{k}" for k in plain}
+
+    # Means over the 3 tokens (see test_audit_report_by_hand): |â − p| (0 + .5 + .5)/3, |b − p| (.2 + 1 + 1)/3.
+    expected = {
+        "audit/tokens": 3.0, "audit/max_abs_error": 0.5, "audit/abs_error/avg": 1 / 3, "audit/clip_disagreement/avg": 2 / 3,
+        "audit/anchor_recompute/abs_error/max": 0.0, "audit/areal_loglinear/abs_error/avg": 2.2 / 3,
+        "audit/minibatch_1/tokens": 3.0, "audit/minibatch_1/abs_error/avg": 1 / 3,
+        "audit/staleness_0/tokens": 1.0, "audit/staleness_0/abs_error/avg": 0.0, "audit/staleness_0/behave_gap/avg": 0.2,
+        "audit/staleness_1/tokens": 2.0, "audit/staleness_1/abs_error/avg": 0.5, "audit/staleness_1/behave_gap/avg": 1.0,
+        "audit/staleness_1/areal_loglinear/abs_error/avg": 1.0,
+    }
+    for key, value in expected.items():
+        assert stats[f"a3po/{key}"] == pytest.approx(value, abs=1e-6), key
 
 
 def test_totals_are_token_weighted_over_micro_batches_and_skip_masked_tokens():

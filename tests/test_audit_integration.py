@@ -5,7 +5,19 @@ import warnings
 
 import pytest
 import torch
-from test_actor_integration import B, PROMPT, T, mixed_versions, paper_prox, recompute_update, stale_rollout
+from helpers import (
+    B,
+    K,
+    PROMPT,
+    T,
+    a3po_update,
+    engine_rollout,
+    exported_stats,
+    label_aligned,
+    mixed_versions,
+    recompute_update,
+    stale_rollout,
+)
 
 from areal_a3po.actor import STATE_FILE, A3POWarning
 from benchmarks.harness.actor import load_parameters, make_actor, parameters
@@ -16,15 +28,13 @@ PREFIX = "ppo_actor/update/a3po/audit/"
 
 def _stats_of_update(actor, trajs, version):
     """One step at ``version``; returns (exported stats, model forwards run)."""
-    from areal.utils import stats_tracker
-
-    stats_tracker.export_all()
     calls = []
     handle = actor.model.register_forward_hook(lambda *_: calls.append(1))
-    actor.set_version(version)
-    actor.ppo_update(actor.compute_advantages(trajs))
-    handle.remove()
-    return stats_tracker.export_all(), len(calls)
+    try:
+        stats = exported_stats(lambda: a3po_update(actor, trajs, version=version))
+    finally:
+        handle.remove()
+    return stats, len(calls)
 
 
 @pytest.mark.parametrize("anchor", ["paper", "recompute"])
@@ -83,6 +93,36 @@ def test_audit_interval_logs_the_errors_computed_here(tiny_model, anchor):
     assert forwards == B and not any(k.startswith(PREFIX) for k in stats)
 
 
+def test_areal_loglinear_audit_is_areals_own_formula_on_its_unaligned_versions(tiny_model):
+    # AReaL's loglinear keys label position t on its *unaligned* versions[t] (the version of token t,
+    # not of the token t+1 whose logprob is there). Row 2 of the engine batch has a one-token prompt
+    # and is shorter than rows 0 and 3, so AReaL pads it: its position 0 (trained, predicts the first
+    # response token) has AReaL version -1, so α = 0 and AReaL's π̂ = π_behave there. AReaL's α is
+    # (k − 1 − v)/(k − v) clamped to [0, 1] (0 for v < 0 or v = k), computed here by its own function.
+    from areal.trainer.ppo.actor import compute_prox_logp_approximations
+
+    actor = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=T, a3po_options={"audit_interval": 1})
+    rollout = engine_rollout(actor)
+    trajs = rollout.trajectories()
+    p = actor.compute_logp(trajs)  # the audit's recomputed π_prox, and π_θ of the single minibatch
+    stats = exported_stats(lambda: a3po_update(actor, trajs))
+
+    behave, mask, aligned = (label_aligned(rollout, key) for key in ("logprobs", "loss_mask", "versions"))
+    errors, d = [], []
+    for i, traj in enumerate(trajs):
+        areal = compute_prox_logp_approximations(
+            old_logp=behave[i], logprobs=p[i], versions=traj["versions"], current_version=K, method="loglinear"
+        )["loglinear"]
+        tokens = mask[i].bool() & (aligned[i] >= 0)
+        errors.append((areal - p[i]).abs()[tokens])
+        d.append((K - aligned[i])[tokens])
+    errors, d = torch.cat(errors), torch.cat(d)
+    assert trajs[2]["versions"][0, 0] == -1 and aligned[2][0, 0] == 2  # the edge token: AReaL α = 0
+    assert stats[PREFIX + "areal_loglinear/abs_error/avg"] == pytest.approx(errors.mean().item(), rel=1e-5)
+    assert stats[PREFIX + "areal_loglinear/abs_error/max"] == pytest.approx(errors.max().item(), rel=1e-5)
+    assert stats[PREFIX + "staleness_1/areal_loglinear/abs_error/avg"] == pytest.approx(errors[d == 1].mean().item(), rel=1e-5)
+
+
 def test_fallback_switches_on_drift_keeps_its_mode_through_a_checkpoint_and_recovers(tiny_model, tmp_path):
     from areal.api.io_struct import SaveLoadMeta
 
@@ -122,9 +162,6 @@ def test_fallback_switches_on_drift_keeps_its_mode_through_a_checkpoint_and_reco
     assert resumed.actor.fallback.mode == "approximate"
     recompute_update(ref, rollout, version=4)
     assert (parameters(resumed) - parameters(ref)).abs().max().item() <= 1e-6
-
-
-K = 3
 
 
 def _trajs(actor, versions=None):

@@ -42,11 +42,14 @@ def test_paper_linear_matches_hand_values():
 
 def test_paper_ratios_are_powers():
     # Paper: r = pi_theta/pi_prox = (pi_theta/pi_behave)^alpha and pi_prox/pi_behave = (pi_theta/pi_behave)^(1-alpha).
+    # Generated tokens d = 0, 1, 2, 4 -> alpha = 0, 1, 1/2, 1/4; log(pi_theta/pi_behave) = theta - behave:
+    #   -1.5-(-1) = -0.5;  -1-(-2) = 1;  -1-(-3) = 2;  -2.1-(-0.5) = -1.6
+    # log r        = alpha*(theta - behave)     = 0, 1, 2/2 = 1, -1.6/4 = -0.4
+    # log(prox/b)  = (1-alpha)*(theta - behave) = -0.5, 0, 2/2 = 1, 0.75*(-1.6) = -1.2
     prox = approximate_prox_logp(BEHAVE, THETA, VERSIONS, K)
-    alpha = paper_anchor(VERSIONS, K)
     gen = VERSIONS >= 0
-    torch.testing.assert_close((THETA - prox)[gen], (alpha * (THETA - BEHAVE))[gen], rtol=0, atol=1e-6)
-    torch.testing.assert_close((prox - BEHAVE)[gen], ((1 - alpha) * (THETA - BEHAVE))[gen], rtol=0, atol=1e-6)
+    torch.testing.assert_close((THETA - prox)[gen], torch.tensor([0.0, 1.0, 1.0, -0.4]), rtol=0, atol=1e-6)
+    torch.testing.assert_close((prox - BEHAVE)[gen], torch.tensor([-0.5, 0.0, 1.0, -1.2]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("interpolation", ["loglinear", "linear"])

@@ -1,0 +1,164 @@
+"""A-3PO's loss: AReaL's ``grpo_loss_fn`` with π_prox approximated instead of recomputed.
+
+In minibatch j of n at trainer version k, per label-aligned token t with version v_t:
+
+    α_t = anchor(v_t, k, j, n)                     (``paper``: 1/(k − v_t), 0 at v_t = k; ``recompute``: (j/n)/(k + j/n − v_t))
+    log π_prox = α_t·log π_behave + (1 − α_t)·log π_θ    (``loglinear``; ``linear`` mixes probabilities)
+
+with log π_θ the loss forward's own logprobs, detached. π_prox then goes to AReaL's ``grpo_loss_fn``
+as a given π_prox (its ``recompute`` method), so rejection sampling, M2PO, GSPO, dual clip and
+every stat behave as in AReaL.
+
+``_A3POUpdateEngine`` is the engine as ``PPOActor._ppo_update`` sees it during one A-3PO update: it
+swaps AReaL's loss partial for ``a3po_loss_fn`` with the same arguments plus the minibatch index j,
+which AReaL does not pass to its loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from areal.trainer.ppo.actor import compute_prox_logp_approximations, grpo_loss_fn
+from areal.utils import stats_tracker
+
+from areal_a3po.audit import AuditInputs, AuditTotals, audit_report, log_audit_report
+from areal_a3po.batch import check_theta_finite, require_versions
+from areal_a3po.config import A3POConfig
+from areal_a3po.proximal import ANCHORS, interpolate, interpolation_weights, staleness
+
+__all__ = ["AREAL_VERSIONS_KEY", "a3po_loss_fn"]
+
+#: Key under which a batch carries AReaL's own (unaligned) versions, for the audit's comparison
+#: with AReaL's ``loglinear``.
+AREAL_VERSIONS_KEY = "a3po_areal_versions"
+
+
+class _StepAudit:
+    """What one update step's loss calls share: use the truth for the loss? and the audit totals."""
+
+    def __init__(self, *, use_truth: bool):
+        self.use_truth = use_truth
+        self.totals = AuditTotals()
+
+
+def a3po_loss_fn(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    input_data: dict[str, Any],
+    *,
+    a3po: A3POConfig,
+    minibatch: int,
+    n_minibatches: int,
+    current_version: int,
+    step_audit: _StepAudit | None = None,
+    **grpo_kwargs: Any,
+) -> torch.Tensor:
+    """AReaL's ``grpo_loss_fn`` with π_prox from A-3PO instead of the recompute forward.
+
+    ``logprobs`` is the loss forward's log π_θ (with gradient); π_prox is computed from its detached
+    copy, ``input_data['logprobs']`` (log π_behave) and ``input_data['versions']`` (label-aligned),
+    all packed the same way by the engine. Logs ``a3po/{alpha, staleness, behave_imp_weight,
+    importance_weight}`` over the generated, unmasked tokens. When the batch carries AReaL's
+    recomputed ``prox_logp`` (an audited step, or the fallback), logs ``a3po/audit/*`` too, and
+    trains on the recomputed one if ``step_audit.use_truth`` (fallback mode).
+    """
+    versions = require_versions(input_data, "loss function")
+    behave_logp = input_data["logprobs"]
+    loss_mask = input_data["loss_mask"].bool()
+    theta_logp = logprobs.detach()
+    position = dict(current_version=current_version, minibatch=minibatch, n_minibatches=n_minibatches)
+    alpha = interpolation_weights(versions, anchor=a3po.anchor, loss_mask=loss_mask, **position)
+    approx = interpolate(behave_logp, theta_logp, alpha, interpolation=a3po.interpolation).to(theta_logp.dtype)
+    truth = input_data.get("prox_logp")  # AReaL's recomputed π_prox, when this step computed it
+    use_truth = truth is not None and step_audit is not None and step_audit.use_truth
+    prox_logp = truth.to(theta_logp.dtype) if use_truth else approx
+    tokens = loss_mask & (versions >= 0)
+    d = staleness(versions, current_version)
+    check_theta_finite(theta_logp, tokens, minibatch)
+
+    with stats_tracker.scope("a3po"):
+        stats_tracker.denominator(a3po_tokens=tokens)
+        stats_tracker.stat(
+            alpha=alpha.float(),
+            staleness=torch.where(tokens, d, 0.0),
+            behave_imp_weight=torch.where(tokens, torch.exp(prox_logp - behave_logp.float()), 0.0),
+            importance_weight=torch.where(tokens, torch.exp(theta_logp - prox_logp), 0.0),
+            denominator="a3po_tokens",
+        )
+        if truth is not None:
+            others = {
+                f"anchor_{other}": interpolate(
+                    behave_logp, theta_logp,
+                    interpolation_weights(versions, anchor=other, loss_mask=tokens, **position),
+                    interpolation=a3po.interpolation,
+                )
+                for other in sorted(set(ANCHORS) - {a3po.anchor})
+            }
+            areal_versions = input_data.get(AREAL_VERSIONS_KEY)
+            if areal_versions is not None:
+                # AReaL's built-in method, on its own (unaligned) versions as its loss would see them.
+                others["areal_loglinear"] = compute_prox_logp_approximations(
+                    old_logp=behave_logp.float(), logprobs=theta_logp.float(), versions=areal_versions,
+                    current_version=current_version, method="loglinear",
+                )["loglinear"]
+            audit = AuditInputs(
+                approx=approx, others=others, truth=truth, behave=behave_logp, theta=theta_logp,
+                advantages=input_data["advantages"], tokens=tokens, staleness=d, minibatch=minibatch,
+                eps_clip=grpo_kwargs.get("eps_clip", 0.2), eps_clip_higher=grpo_kwargs.get("eps_clip_higher"),
+            )
+            _audit(audit, step_audit)
+
+    # AReaL's loss with π_prox supplied: 'recompute' is the method that takes it as given.
+    grpo_kwargs["prox_logp_method"] = "recompute"
+    return grpo_loss_fn(
+        logprobs, entropy, {**input_data, "prox_logp": prox_logp}, current_version=current_version, **grpo_kwargs
+    )
+
+
+def _audit(inputs: AuditInputs, step_audit: _StepAudit | None) -> None:
+    """``a3po/audit/*`` of one micro-batch, and its share of the step's totals (for the fallback)."""
+    report = audit_report(inputs)
+    log_audit_report(report)
+    if step_audit is not None:
+        step_audit.totals.add(report.active, report.tokens)
+
+
+class _A3POUpdateEngine:
+    """The engine as ``PPOActor._ppo_update`` sees it during one A-3PO update.
+
+    Everything is the real engine's, except ``train_batch``, which numbers the minibatches and
+    swaps AReaL's ``grpo_loss_fn`` partial for ``a3po_loss_fn`` with the same arguments.
+    """
+
+    def __init__(self, engine: Any, a3po: A3POConfig, n_minibatches: int, step_audit: _StepAudit):
+        self._engine = engine
+        self._a3po = a3po
+        self._n_minibatches = n_minibatches
+        self._minibatch = 0
+        self._step_audit = step_audit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def train_batch(self, input_: Any, loss_fn: Any, loss_weight_fn: Any) -> dict[str, float]:
+        if not (isinstance(loss_fn, functools.partial) and loss_fn.func is grpo_loss_fn):
+            raise RuntimeError(
+                "areal-a3po expected PPOActor._ppo_update to pass functools.partial(grpo_loss_fn, ...) "
+                f"to train_batch, got {loss_fn!r}; this areal version is not supported (need areal==1.0.4)."
+            )
+        if self._minibatch >= self._n_minibatches:
+            raise RuntimeError(
+                f"PPO update ran more minibatches than actor.ppo_n_minibatches={self._n_minibatches}."
+            )
+        a3po_loss = functools.partial(
+            a3po_loss_fn,
+            **loss_fn.keywords,
+            a3po=self._a3po,
+            minibatch=self._minibatch,
+            n_minibatches=self._n_minibatches,
+            step_audit=self._step_audit,
+        )
+        self._minibatch += 1
+        return self._engine.train_batch(input_, loss_fn=a3po_loss, loss_weight_fn=loss_weight_fn)
