@@ -25,8 +25,8 @@ from benchmarks.e2e_speedup import execute, plan_runs
 from benchmarks.output import save
 
 AUDIT = "ppo_actor/update/a3po/audit/"
-#: audit prefix -> method label (the active anchor is ``recompute``)
-METHODS = {"": "a3po recompute", "anchor_paper/": "a3po paper", "areal_loglinear/": "AReaL loglinear"}
+#: audit stats prefix -> label of the approximation it measures (the active anchor is ``recompute``)
+APPROXIMATIONS = {"": "a3po recompute", "anchor_paper/": "a3po paper", "areal_loglinear/": "AReaL loglinear"}
 
 
 def weighted(rows: list[dict], bucket: str, key: str) -> float | None:
@@ -48,9 +48,9 @@ def summarize(rows: list[dict]) -> dict:
     return dict(
         by_staleness={d: dict(tokens=sum(r.get(f"{AUDIT}staleness_{d}/tokens", 0) for r in rows),
                               behave_gap=weighted(rows, f"staleness_{d}", "behave_gap"),
-                              **{label: weighted(rows, f"staleness_{d}", f"{p}abs_error") for p, label in METHODS.items()})
+                              **{label: weighted(rows, f"staleness_{d}", f"{p}abs_error") for p, label in APPROXIMATIONS.items()})
                       for d in stale},
-        by_minibatch={j: {label: weighted(rows, f"minibatch_{j}", f"{p}abs_error") for p, label in METHODS.items()} for j in mbs},
+        by_minibatch={j: {label: weighted(rows, f"minibatch_{j}", f"{p}abs_error") for p, label in APPROXIMATIONS.items()} for j in mbs},
     )
 
 
@@ -59,9 +59,9 @@ def format_tables(results: dict) -> str:
     lines = []
     for name, res in results.items():
         lines.append(f"{name}: mean |log pi_behave - log pi_prox| (gap) and |d log pi_prox| by staleness d")
-        lines.append(f"  {'d':>3}{'tokens':>8}{'gap':>10}" + "".join(f"{m:>17}" for m in METHODS.values()))
+        lines.append(f"  {'d':>3}{'tokens':>8}{'gap':>10}" + "".join(f"{m:>17}" for m in APPROXIMATIONS.values()))
         for d, b in res["by_staleness"].items():
-            lines.append(f"  {d:>3}{b['tokens']:>8.0f}{f(b['behave_gap']):>10}" + "".join(f"{f(b[m]):>17}" for m in METHODS.values()))
+            lines.append(f"  {d:>3}{b['tokens']:>8.0f}{f(b['behave_gap']):>10}" + "".join(f"{f(b[m]):>17}" for m in APPROXIMATIONS.values()))
         lines.append("  by minibatch j: " + "; ".join(
             f"j={j}: " + ", ".join(f"{m} {f(v)}" for m, v in b.items()) for j, b in res["by_minibatch"].items()))
     return "\n".join(lines)
