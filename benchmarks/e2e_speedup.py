@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", nargs="?", const="qwen2.5-1.5b", default=None, metavar="SHAPE",
                         help="random model of SHAPE (qwen2.5-1.5b, tiny, cpu-tiny) and synthetic prompts")
     parser.add_argument("--dry-run", action="store_true", help="build and print, run nothing")
-    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--override", nargs="*", action="extend", default=[], help="extra Hydra overrides for every run (repeatable)")
     parser.add_argument("--logs", default=None, help="folder for each run's output (default: results/e2e-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", help="write all figures to this file")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--engine-dtypes", nargs="+", default=["float32", "bfloat16"], help="vllm.dtype values (trainer: float32)")
     parser.add_argument("--minibatches", nargs="+", type=int, default=[1, 2], help="ppo_n_minibatches values")
-    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
+    parser.add_argument("--override", nargs="*", action="extend", default=[], help="extra Hydra overrides for every run (repeatable)")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--stats", nargs="+", metavar="NAME=PATH", help="summarise these stats.jsonl files; run nothing")
     parser.add_argument("--json")

@@ -1,7 +1,8 @@
-"""The A-3PO loss, the update's engine view and the actor's batch preparation, without a model.
+"""The A-3PO loss against hand values and AReaL's own ``grpo_loss_fn``, the update's engine view, and
+the actor's batch preparation (version alignment) on AReaL's FSDP actor.
 
-``StubEngine`` is what ``PPOActor`` asks of an engine, with a fixed "model": log π_θ of a token is a
-function of its id. The actor's update then runs AReaL's own ``_ppo_update`` code in milliseconds.
+The engine view's tests hand it a recorder as the engine it wraps: they check what the view passes
+on (the minibatch index, AReaL's loss arguments) and its two refusals, not an engine.
 """
 
 import functools
@@ -12,8 +13,8 @@ import torch
 from areal.api.cli_args import RejectionSamplingConfig
 from areal.trainer.ppo.actor import grpo_loss_fn
 
-from areal_a3po.actor import AREAL_VERSIONS_KEY, A3POPPOActor
-from areal_a3po.config import A3POActorConfig, A3POConfig
+from areal_a3po.actor import AREAL_VERSIONS_KEY
+from areal_a3po.config import A3POConfig
 from areal_a3po.loss import _A3POUpdateEngine, _StepAudit, a3po_loss_fn
 
 RS = RejectionSamplingConfig(level="token", action="mask", metric="ratio", upper=5.0)
@@ -131,35 +132,7 @@ def test_engine_view_refuses_a_loss_it_does_not_know():
         view.train_batch({}, loss_fn=lambda *a: None, loss_weight_fn=None)
 
 
-# --- The actor around it, with a stand-in engine ---
-
-
-class StubEngine:
-    """What ``PPOActor`` asks of an engine; ``train_batch`` runs the loss on log π_θ = f(token id)."""
-
-    def __init__(self, version: int):
-        self.version = version
-        self.batches = []  # (loss_fn, micro-batch, loss)
-
-    def get_version(self):
-        return self.version
-
-    def train(self):
-        pass
-
-    def train_batch(self, input_, loss_fn, loss_weight_fn):
-        theta = (-0.25 * (input_["input_ids"] % 5).float() - 0.5).requires_grad_(True)
-        loss = loss_fn(theta, torch.zeros_like(theta), input_)
-        self.batches.append((loss_fn, input_, theta, loss))
-        return {}
-
-
-def _actor(anchor="paper", n_minibatches=1, version=3):
-    config = A3POActorConfig(
-        experiment_name="stub", trial_name="t", path="", use_decoupled_loss=True, prox_logp_method="a3po",
-        ppo_n_minibatches=n_minibatches, rejection_sampling=RS, a3po=A3POConfig(anchor=anchor),
-    )
-    return A3POPPOActor(config, StubEngine(version))
+# --- The actor's batch preparation, on AReaL's FSDP actor ---
 
 
 def _trajectory(prompt: int, response_versions: list[int], seed: int) -> dict:
@@ -180,52 +153,19 @@ def _trajectory(prompt: int, response_versions: list[int], seed: int) -> dict:
     )
 
 
-def test_compute_advantages_label_aligns_versions_and_keeps_areals():
+@pytest.mark.integration
+def test_compute_advantages_label_aligns_versions_and_keeps_areals(tiny_model):
     # Label position t holds the logprob of token t+1, so its version must be that of token t+1:
     # versions rolled by -1 like AReaL rolls logprobs and loss_mask. AReaL's own versions are kept
     # as they were, also for the short row with a one-token prompt that AReaL pads next to the long one.
     long, short = _trajectory(5, [1, 1, 2, 2, 3, 3, 3], seed=0), _trajectory(1, [2, 2, 3], seed=1)
-    out = _actor().compute_advantages([long, short])
+    from benchmarks.harness.actor import make_actor
+
+    actor = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=12)
+    actor.set_version(3)
+    out = actor.compute_advantages([long, short])
     assert out[0]["versions"][0].tolist() == [-1, -1, -1, -1, 1, 1, 2, 2, 3, 3, 3, -1]
     assert out[0]["loss_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0]
     assert out[0][AREAL_VERSIONS_KEY][0].tolist() == [-1, -1, -1, -1, -1, 1, 1, 2, 2, 3, 3, 3]
     assert out[1]["versions"][0, :3].tolist() == [2, 2, 3] and out[1]["loss_mask"][0].tolist() == [1, 1, 1, 0]
     assert out[1][AREAL_VERSIONS_KEY][0].tolist() == [-1, 2, 2, 3]
-
-
-@pytest.mark.parametrize("anchor", ["paper", "recompute"])
-def test_update_trains_each_minibatch_with_the_configured_anchor(anchor):
-    # Two minibatches at k = 3, one sequence each. Per label-aligned generated token with d = k − v:
-    # paper α = 1/d (0 at d = 0); recompute α = (j/2)/(d + j/2): 0 in minibatch 0, and in minibatch 1
-    # d = 0 -> 1, d = 1 -> 1/3, d = 2 -> 1/5. Each loss must be AReaL's loss with that π_prox.
-    actor = _actor(anchor, n_minibatches=2)
-    actor.ppo_update(actor.compute_advantages([_trajectory(3, [1, 2, 2, 3, 3], seed=0), _trajectory(2, [2, 3, 3, 3], seed=1)]))
-    batches = actor.engine.batches
-    assert [fn.keywords["minibatch"] for fn, *_ in batches] == [0, 1]
-    for fn, mb, theta, loss in batches:
-        j = fn.keywords["minibatch"]
-        tokens = mb["loss_mask"].bool() & (mb["versions"] >= 0)
-        d = (3 - mb["versions"]).double()
-        if anchor == "paper":
-            alpha = torch.where(tokens & (d >= 1), 1 / d.clamp(min=1), 0.0)
-        else:
-            alpha = torch.where(tokens, (j / 2) / (d + j / 2).clamp(min=1e-9), 0.0)
-        th = theta.detach()
-        prox = (th + alpha * (mb["logprobs"] - th)).float()
-        areal = grpo_loss_fn(
-            theta.detach(), torch.zeros_like(th), {**mb, "prox_logp": prox}, current_version=3,
-            prox_logp_method="recompute", **{**AREAL_KW, "m2_threshold": None},
-        )
-        assert loss.item() != 0.0
-        assert loss.item() == pytest.approx(areal.item(), abs=1e-6), (anchor, j)
-        assert AREAL_VERSIONS_KEY not in mb  # only audited steps carry it
-
-
-def test_update_with_a_recomputed_prox_keeps_areals_versions_for_the_audit():
-    actor = _actor()
-    trajs = [_trajectory(3, [1, 2, 2, 3, 3], seed=0), _trajectory(1, [2, 3], seed=1)]
-    for t in trajs:
-        t["prox_logp"] = torch.roll(t["logprobs"], -1, dims=-1)  # label-aligned, as compute_logp gives it
-    actor.ppo_update(actor.compute_advantages(trajs))
-    (_, mb, _, _), = actor.engine.batches
-    assert mb[AREAL_VERSIONS_KEY][:, :6].tolist() == [[-1, -1, -1, 1, 2, 2], [-1, 2, 3, 0, 0, 0]]
