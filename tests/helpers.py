@@ -65,8 +65,20 @@ def train(workdir: Path, trial: str, *overrides: str, kill_after_step: int | Non
                   env=user_env(PYTHONUNBUFFERED="1"), kill_after_step=kill_after_step, timeout=timeout)
 
 
+def _started_here(proc: psutil.Process, existing: set[int], me: int) -> bool:
+    """Whether ``proc`` descends from this process, or from nothing that was running before (an
+    orphan, reparented to PID 1): not from another process tree on the machine (another test run)."""
+    for parent in proc.parents():  # nearest first
+        if parent.pid == me:
+            return True
+        if parent.pid in existing and parent.pid != 1:
+            return False
+    return True
+
+
 def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
-    """Live processes created after ``since`` (not in ``exclude``) that belong to an experiment."""
+    """Live processes created after ``since`` (not in ``exclude``) that belong to an experiment
+    started by this process."""
     me = os.getpid()
     found = []
     for p in psutil.process_iter(["pid", "create_time", "cmdline", "status"]):
@@ -76,8 +88,11 @@ def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
         if info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmdline = " ".join(info["cmdline"] or [])
-        if any(word in cmdline for word in RUN_PROCESS_WORDS):
-            found.append(p)
+        try:
+            if any(word in cmdline for word in RUN_PROCESS_WORDS) and _started_here(p, exclude, me):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
