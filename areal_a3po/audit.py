@@ -14,7 +14,7 @@ Pure torch (no AReaL import). With ``â_t = log π̂_prox(a_t)`` (approximation)
 
 ``audit_report`` measures one micro-batch (``AuditInputs``: the active approximation, the methods
 it is compared with, the truth) into an ``AuditReport``: every method's per-token errors, the
-tokens of each staleness d = k − v and the behaviour gap |b − p|. ``log_audit_report`` is the one
+tokens of each staleness bucket (a fixed set: the same keys on every rank) and the behaviour gap |b − p|. ``log_audit_report`` is the one
 place that writes a report to AReaL's ``stats_tracker`` (imported there, so this module stays
 importable without AReaL). ``AuditTotals`` sums the active method's errors over a step for the
 fallback's decision.
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from areal_a3po.ranks import device_of, distributed
+
 __all__ = [
     "AUDIT_METRICS",
     "AuditInputs",
@@ -37,6 +39,7 @@ __all__ = [
     "audit_report",
     "clip_active",
     "log_audit_report",
+    "staleness_buckets",
     "token_errors",
 ]
 
@@ -92,8 +95,9 @@ class AuditInputs:
 
     ``approx`` is the active approximation's log π̂_prox, ``others`` the log π̂_prox of each method
     it is compared with, by name (``anchor_<name>``, ``areal_loglinear``), ``truth`` AReaL's
-    recomputed log π_prox, ``tokens`` (bool) the generated tokens with ``loss_mask`` = 1 and
-    ``staleness`` d = k − v per token.
+    recomputed log π_prox, ``tokens`` (bool) the generated tokens with ``loss_mask`` = 1,
+    ``staleness`` d = k − v per token and ``staleness_limit`` S the last staleness with a bucket of
+    its own (``staleness_buckets``).
     """
 
     approx: torch.Tensor
@@ -107,6 +111,7 @@ class AuditInputs:
     minibatch: int
     eps_clip: float
     eps_clip_higher: float | None = None
+    staleness_limit: int = 8
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class AuditReport:
     """The audit of one micro-batch (minibatch j of the update). Per-token tensors are float32, 0 off ``tokens``.
 
     ``active``/``others[name]``: ``TOKEN_METRICS`` → per-token error of the active approximation /
-    of each compared method; ``staleness``: d → the tokens with staleness d; ``behave_gap``:
+    of each compared method; ``staleness``: bucket name → its tokens (``staleness_buckets``: every
+    bucket, also the empty ones); ``behave_gap``:
     |log π_behave − log π_prox| (for d = 0 in minibatch 0 the inference/trainer mismatch).
     """
 
@@ -122,12 +128,23 @@ class AuditReport:
     tokens: torch.Tensor
     active: dict[str, torch.Tensor]
     others: dict[str, dict[str, torch.Tensor]]
-    staleness: dict[int, torch.Tensor]
+    staleness: dict[str, torch.Tensor]
     behave_gap: torch.Tensor
 
 
+def staleness_buckets(staleness: torch.Tensor, tokens: torch.Tensor, limit: int) -> dict[str, torch.Tensor]:
+    """The tokens of each staleness bucket: ``staleness_0`` … ``staleness_<S>`` (d = 0 … S) and
+    ``staleness_gt_<S>`` (d > S), S = ``limit``. Every bucket, also an empty one, so that every rank
+    logs the same keys whatever its shard holds: AReaL's ``stats_tracker.export_all`` reduces each
+    key over the data-parallel group, and a key that one rank lacks pairs the ranks' collectives
+    wrongly (gloo aborts, NCCL hangs or returns wrong numbers)."""
+    buckets = {f"staleness_{d}": tokens & (staleness == d) for d in range(limit + 1)}
+    buckets[f"staleness_gt_{limit}"] = tokens & (staleness > limit)
+    return buckets
+
+
 def audit_report(inputs: AuditInputs) -> AuditReport:
-    """Every method's errors against the truth on ``inputs.tokens``; one host sync (the staleness values)."""
+    """Every method's errors against the truth on ``inputs.tokens`` (no host sync)."""
     tokens = inputs.tokens.bool()
     zero = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
 
@@ -144,7 +161,7 @@ def audit_report(inputs: AuditInputs) -> AuditReport:
         tokens=tokens,
         active=errors(inputs.approx),
         others={name: errors(x) for name, x in inputs.others.items()},
-        staleness={int(v): tokens & (d == v) for v in torch.unique(d[tokens]).tolist()},
+        staleness=staleness_buckets(d, tokens, inputs.staleness_limit),
         behave_gap=torch.where(tokens, (inputs.behave.float() - inputs.truth.float()).abs(), zero),
     )
 
@@ -154,10 +171,12 @@ def log_audit_report(report: AuditReport) -> None:
 
     Keys: ``audit/<metric>`` and ``audit/max_abs_error`` (active method), ``audit/<name>/<metric>``
     (each compared method), ``audit/minibatch_<j>/[<name>/]abs_error``,
-    ``audit/staleness_<d>/[<name>/]abs_error`` and ``audit/staleness_<d>/behave_gap``, each with its
-    token denominator (``audit/tokens``, ``audit/minibatch_<j>/tokens``, ``audit/staleness_<d>/tokens``).
-    Audit stats have denominators of their own: they are recorded on audited steps only, and a
-    stats_tracker denominator must have one entry per entry of each stat that uses it.
+    ``audit/<bucket>/[<name>/]abs_error`` and ``audit/<bucket>/behave_gap`` for every staleness
+    bucket, each with its token denominator (``audit/tokens``, ``audit/minibatch_<j>/tokens``,
+    ``audit/<bucket>/tokens``). The key set depends on the configuration only (every rank runs
+    every minibatch and logs every bucket); AReaL's export leaves out an average whose tokens are 0
+    on all ranks. Audit stats have denominators of their own: they are recorded on audited steps
+    only, and a stats_tracker denominator must have one entry per entry of each stat that uses it.
     """
     from areal.utils import stats_tracker
 
@@ -175,8 +194,8 @@ def log_audit_report(report: AuditReport) -> None:
     stats_tracker.denominator(**{f"{mb_key}/tokens": tokens})
     for prefix, errs in by_prefix.items():
         stats_tracker.stat(**{f"{mb_key}/{prefix}abs_error": errs["abs_error"]}, denominator=f"{mb_key}/tokens")
-    for d, sel in report.staleness.items():
-        key = f"audit/staleness_{d}"
+    for bucket, sel in report.staleness.items():
+        key = f"audit/{bucket}"
         zero = torch.zeros_like(report.behave_gap)
         stats_tracker.denominator(**{f"{key}/tokens": sel})
         stats_tracker.stat(
@@ -190,7 +209,7 @@ class AuditTotals:
     """Token-weighted totals of one step's audit, reduced across ranks into one value per metric.
 
     ``add`` keeps everything on the device (no host sync); ``reduce`` does two all-reduces (sum and
-    max) over ``group`` when torch.distributed is initialised, so every rank gets the same numbers.
+    max) over ``group`` when it spans several ranks, so every rank gets the same numbers.
     """
 
     def __init__(self) -> None:
@@ -210,13 +229,21 @@ class AuditTotals:
         return self._sums is None
 
     def reduce(self, group=None) -> dict[str, float]:
-        """Means over all audited tokens of all ranks (NaN when there were none), plus the max."""
-        if self._sums is None:
-            return {m: math.nan for m in AUDIT_METRICS}
-        sums, peak = self._sums.clone(), self._max.clone()
-        if dist.is_available() and dist.is_initialized():
+        """Means over all audited tokens of all ranks (NaN when there were none), plus the max.
+
+        Every rank takes part in the all-reduces, also one that audited no token (AReaL skips the
+        loss of a micro-batch whose tokens are all masked): zeros from it, or its peers would wait."""
+        n_sums = 1 + len(TOKEN_METRICS)
+        if distributed(group):
+            device = device_of(group)
+            sums = torch.zeros(n_sums, device=device) if self._sums is None else self._sums.clone().to(device)
+            peak = torch.zeros(1, device=device) if self._max is None else self._max.clone().to(device)  # |errors| ≥ 0
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        elif self._sums is None:
+            return {m: math.nan for m in AUDIT_METRICS}
+        else:
+            sums, peak = self._sums, self._max
         values = sums.tolist()
         n = values[0]
         out = {m: (v / n if n > 0 else math.nan) for m, v in zip(TOKEN_METRICS, values[1:])}

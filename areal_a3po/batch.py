@@ -9,12 +9,24 @@ anything. Pure torch, no AReaL import; every check costs at most one host sync.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["BatchCounts", "check_theta_finite", "check_versions", "count_batch", "require_versions", "validate_batch"]
+__all__ = [
+    "BatchCounts",
+    "agree_on_batch",
+    "batch_error",
+    "check_theta_finite",
+    "check_versions",
+    "count_batch",
+    "nonfinite_theta",
+    "require_versions",
+    "theta_error",
+    "validate_batch",
+]
 
 
 def require_versions(data: dict[str, Any], where: str) -> torch.Tensor:
@@ -70,48 +82,93 @@ def count_batch(versions: torch.Tensor, loss_mask: torch.Tensor, behave_logp: to
     return BatchCounts(*(int(c) for c in counts))
 
 
-def validate_batch(data: dict[str, Any], current_version: int) -> BatchCounts:
-    """The counts of a label-aligned batch (``versions``, ``loss_mask``, ``logprobs``); raises a
-    ``ValueError`` naming the problem when the approximation cannot use it. Staleness beyond a limit
-    is not an error (the caller warns)."""
-    counts = count_batch(data["versions"], data["loss_mask"], data["logprobs"], current_version)
+def batch_error(counts: BatchCounts, current_version: int) -> ValueError | None:
+    """The error that ``counts`` (of one rank, or of all ranks: ``agree_on_batch``) call for, or None.
+    Staleness beyond a limit is not an error (the caller warns)."""
     if counts.tokens == 0:
-        raise ValueError(
+        return ValueError(
             "A-3PO: every token of this batch is masked ('loss_mask' has no 1 on any response token), so "
             "there is nothing to train on (AReaL would fail later with 'Global total loss weight must be "
             "positive'). Check the workflow's loss_mask, or drop empty trajectories before training."
         )
     if counts.nonfinite_behave:
-        raise ValueError(
+        return ValueError(
             f"A-3PO: the behaviour logprobs ('logprobs' from the inference engine) are NaN/Inf on "
             f"{counts.nonfinite_behave} generated token(s) with loss_mask=1; π_prox would be NaN there. Fix the "
             "workflow/inference engine, or set loss_mask=0 on those tokens."
         )
     if counts.negative_versions:
-        raise ValueError(
+        return ValueError(
             f"A-3PO: {counts.negative_versions} generated token(s) (loss_mask=1) have a negative 'versions' entry; "
             "versions must hold the weight version that generated each response token (-1 only for "
             "prompt tokens). Record the version in the workflow, or set actor.prox_logp_method=recompute."
         )
     if counts.newer_versions:
-        raise ValueError(
+        return ValueError(
             f"A-3PO: {counts.newer_versions} generated token(s) have 'versions' newer than the trainer's version "
             f"{current_version} (v > k). The inference engine cannot be ahead of the trainer: check that the "
             "trainer's version is restored on recover (engine.set_version) and that rollout.set_version follows it."
         )
+    return None
+
+
+def validate_batch(data: dict[str, Any], current_version: int) -> BatchCounts:
+    """The counts of a label-aligned batch (``versions``, ``loss_mask``, ``logprobs``); raises a
+    ``ValueError`` naming the problem when the approximation cannot use it (this rank's view)."""
+    counts = count_batch(data["versions"], data["loss_mask"], data["logprobs"], current_version)
+    error = batch_error(counts, current_version)
+    if error is not None:
+        raise error
     return counts
 
 
-def check_theta_finite(theta_logp: torch.Tensor, tokens: torch.Tensor, minibatch: int) -> None:
-    """Raise ``FloatingPointError`` when the loss forward's log π_θ is NaN/Inf on a generated token.
+def agree_on_batch(counts: BatchCounts | None, error: BaseException | None, group=None) -> BatchCounts:
+    """The data-parallel group's view of one step's batch, the same on every rank (one all-gather).
 
-    One host sync per micro-batch, like AReaL's own NaN check on π_prox; π_behave was checked
-    before the update started (``validate_batch``), so a failure here is the model's.
+    Each rank brings its shard's ``counts``, or the ``error`` its checks raised (then ``counts`` is
+    None). If any rank failed, every rank raises that rank's error (``ranks.raise_together``); so
+    it does when some ranks' shards have no token to train on while others have (the message names
+    them). Otherwise returns the group's counts (token counts summed over the ranks, the largest
+    staleness), which the caller judges with ``batch_error``: the same verdict on every rank.
     """
-    if not torch.isfinite(torch.where(tokens, theta_logp, 0.0)).all():
-        n = int((~torch.isfinite(theta_logp) & tokens).sum())
-        raise FloatingPointError(
-            f"A-3PO: the loss forward's log π_θ ('logprobs' of the loss function) is NaN/Inf on {n} generated "
-            f"token(s) in minibatch {minibatch}: the model has diverged (lower actor.optimizer.lr, enable "
-            "gradient clipping, or resume from an earlier checkpoint)."
+    from areal_a3po.ranks import gather_rows, raise_together
+
+    local = [0] * len(dataclasses.fields(BatchCounts)) if counts is None else list(dataclasses.astuple(counts))
+    rows = gather_rows([int(error is not None), *local], group)
+    raise_together(error, group, failed=bool(rows[:, 0].any()))
+    empty = [r for r, n in enumerate(rows[:, 1].tolist()) if n == 0]
+    if empty and len(empty) < len(rows):
+        raise ValueError(
+            f"A-3PO: the shard of data-parallel rank(s) {empty} of {len(rows)} has no token with loss_mask=1. AReaL "
+            "1.0.4 skips the loss of such a shard, so that rank would log none of the update's statistics and AReaL's "
+            "statistics export over the ranks would not pair up (a hang on NCCL). Check the workflow's loss_mask, or "
+            "drop empty trajectories before training. Every rank stops."
         )
+    sums, peaks = rows[:, 1:].sum(dim=0).tolist(), rows[:, 1:].max(dim=0).values.tolist()
+    return BatchCounts(*sums[:-1], max_staleness=peaks[-1])
+
+
+def nonfinite_theta(theta_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """How many generated tokens have a NaN/Inf log π_θ: a 0-dim int64 tensor on their device (no host sync)."""
+    return (~torch.isfinite(theta_logp) & tokens.bool()).sum()
+
+
+def theta_error(n: int, minibatch: int) -> FloatingPointError:
+    """The error for ``n`` generated tokens whose log π_θ is NaN/Inf in ``minibatch``."""
+    return FloatingPointError(
+        f"A-3PO: the loss forward's log π_θ ('logprobs' of the loss function) is NaN/Inf on {n} generated "
+        f"token(s) in minibatch {minibatch}: the model has diverged (lower actor.optimizer.lr, enable "
+        "gradient clipping, or resume from an earlier checkpoint)."
+    )
+
+
+def check_theta_finite(theta_logp: torch.Tensor, tokens: torch.Tensor, minibatch: int) -> None:
+    """Raise ``theta_error`` when the loss forward's log π_θ is NaN/Inf on a generated token (one host sync).
+
+    For the loss called on its own; inside the actor's update the count is agreed on by all ranks
+    after each minibatch instead (``loss._A3POUpdateEngine``). π_behave was checked before the update
+    started (``validate_batch``), so a failure here is the model's.
+    """
+    n = int(nonfinite_theta(theta_logp, tokens))
+    if n:
+        raise theta_error(n, minibatch)

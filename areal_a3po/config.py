@@ -19,6 +19,9 @@ from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
 PROX_LOGP_METHODS = ("recompute", "loglinear", "metrics", A3PO)
+#: The audit's last staleness bucket of its own when ``max_staleness`` is null and no rollout config
+#: filled it in (an actor built on its own): ``staleness_0`` … ``staleness_8``, ``staleness_gt_8``.
+DEFAULT_STALENESS_LIMIT = 8
 
 
 class A3POConfigError(ValueError):
@@ -112,9 +115,15 @@ class A3POConfig:
         default=None,
         metadata={
             "help": "Warn once when a token is staler than this many versions; null = "
-            "rollout.max_head_offpolicyness (filled in when the experiment config loads)."
+            "rollout.max_head_offpolicyness (filled in when the experiment config loads). Also the audit's "
+            "last staleness bucket of its own (audit/staleness_0 … staleness_<S>, staleness_gt_<S>)."
         },
     )
+
+    @property
+    def staleness_limit(self) -> int:
+        """S of the audit's staleness buckets (``staleness_0`` … ``staleness_<S>``, ``staleness_gt_<S>``)."""
+        return DEFAULT_STALENESS_LIMIT if self.max_staleness is None else self.max_staleness
 
     def problems(self, prefix: str = "actor.a3po") -> list[str]:
         """Every invalid field, as messages naming ``prefix.<field>``."""
@@ -144,6 +153,19 @@ def _prox_logp_method_field():
     base = next(f for f in fields(PPOActorConfig) if f.name == "prox_logp_method")
     help_text = base.metadata.get("help", "") + " 'a3po': A-3PO's staleness-aware approximation (areal-a3po; skip the forward pass)."
     return field(default=base.default, metadata={**base.metadata, "help": help_text, "choices": list(PROX_LOGP_METHODS)})
+
+
+def _pipeline_stages(backend: str | None) -> int:
+    """Pipeline stages of an ``actor.backend`` such as ``megatron:d2p2t1`` (1 when there is none or it does not parse:
+    AReaL names a backend it cannot parse itself)."""
+    if not backend:
+        return 1
+    from areal.api.alloc_mode import ModelAllocation
+
+    try:
+        return ModelAllocation.from_str(backend).parallel.pipeline_parallel_size
+    except Exception:  # noqa: BLE001 - AReaL's own check reports a malformed backend
+        return 1
 
 
 @dataclass
@@ -184,6 +206,14 @@ class A3POActorConfig(PPOActorConfig):
                 out.append(
                     "actor.prox_logp_method=a3po cannot be combined with actor.use_sapo_loss=true "
                     "(SAPO has no proximal policy); set actor.use_sapo_loss=false."
+                )
+            stages = _pipeline_stages(self.backend)
+            if stages > 1:
+                out.append(
+                    f"actor.backend={self.backend!r}: actor.prox_logp_method=a3po does not support pipeline "
+                    f"parallelism yet (p{stages}): the loss runs on the last stage only, so the other stages' audit "
+                    "and fallback would decide on no tokens and their recompute forward would run on some stages "
+                    "only. Use p1 (more d or t instead), or actor.prox_logp_method=recompute."
                 )
             out.extend(self.a3po.problems("actor.a3po"))
         return out

@@ -24,23 +24,39 @@ from areal.trainer.ppo.actor import compute_prox_logp_approximations, grpo_loss_
 from areal.utils import stats_tracker
 
 from areal_a3po.audit import AuditInputs, AuditTotals, audit_report, log_audit_report
-from areal_a3po.batch import check_theta_finite, require_versions
+from areal_a3po.batch import check_theta_finite, nonfinite_theta, require_versions, theta_error
 from areal_a3po.config import A3POConfig
 from areal_a3po.proximal import ANCHORS, interpolate, interpolation_weights, staleness
+from areal_a3po.ranks import gather_rows
 
 __all__ = ["AREAL_VERSIONS_KEY", "a3po_loss_fn"]
 
 #: Key under which a batch carries AReaL's own (unaligned) versions, for the audit's comparison
 #: with AReaL's ``loglinear``.
 AREAL_VERSIONS_KEY = "a3po_areal_versions"
+#: The audit's name for AReaL's built-in ``loglinear``, compared on audited steps.
+AREAL_LOGLINEAR = "areal_loglinear"
 
 
 class _StepAudit:
-    """What one update step's loss calls share: use the truth for the loss? and the audit totals."""
+    """What one update step's loss calls share: use the truth for the loss? is the step audited? the
+    audit totals, the loss calls so far, and the count of generated tokens whose log π_θ was NaN/Inf
+    in the current minibatch (on the device)."""
 
-    def __init__(self, *, use_truth: bool):
+    def __init__(self, *, use_truth: bool, audited: bool = False):
         self.use_truth = use_truth
+        self.audited = audited
         self.totals = AuditTotals()
+        self.loss_calls = 0
+        self.nonfinite_theta: torch.Tensor | None = None
+
+    def count_nonfinite_theta(self, n: torch.Tensor) -> None:
+        self.nonfinite_theta = n if self.nonfinite_theta is None else self.nonfinite_theta + n
+
+    def take_nonfinite_theta(self) -> int:
+        """The minibatch's count (one host sync), reset for the next minibatch."""
+        n, self.nonfinite_theta = self.nonfinite_theta, None
+        return 0 if n is None else int(n)
 
 
 def a3po_loss_fn(
@@ -65,6 +81,8 @@ def a3po_loss_fn(
     trains on the recomputed one if ``step_audit.use_truth`` (fallback mode).
     """
     versions = require_versions(input_data, "loss function")
+    if step_audit is not None:
+        step_audit.loss_calls += 1
     behave_logp = input_data["logprobs"]
     loss_mask = input_data["loss_mask"].bool()
     theta_logp = logprobs.detach()
@@ -76,7 +94,15 @@ def a3po_loss_fn(
     prox_logp = truth.to(theta_logp.dtype) if use_truth else approx
     tokens = loss_mask & (versions >= 0)
     d = staleness(versions, current_version)
-    check_theta_finite(theta_logp, tokens, minibatch)
+    if step_audit is None:
+        check_theta_finite(theta_logp, tokens, minibatch)  # called on its own: raise here
+    else:
+        # Inside the update: count now, raise after the minibatch on every rank at once
+        # (_A3POUpdateEngine). Raising here, on this rank only, would leave the other ranks waiting in
+        # FSDP's backward. Until then π_prox is kept finite, or AReaL's own check of π_prox would raise
+        # on this rank alone; the NaN loss gives a NaN gradient norm, so AReaL skips the optimizer step.
+        step_audit.count_nonfinite_theta(nonfinite_theta(theta_logp, tokens))
+        prox_logp = torch.nan_to_num(prox_logp, nan=0.0, posinf=0.0, neginf=0.0)
 
     with stats_tracker.scope("a3po"):
         stats_tracker.denominator(a3po_tokens=tokens)
@@ -89,17 +115,17 @@ def a3po_loss_fn(
         )
         if truth is not None:
             others = {
-                f"anchor_{other}": interpolate(
+                _anchor_key(other): interpolate(
                     behave_logp, theta_logp,
                     interpolation_weights(versions, anchor=other, loss_mask=tokens, **position),
                     interpolation=a3po.interpolation,
                 )
-                for other in sorted(set(ANCHORS) - {a3po.anchor})
+                for other in _other_anchors(a3po)
             }
             areal_versions = input_data.get(AREAL_VERSIONS_KEY)
             if areal_versions is not None:
                 # AReaL's built-in method, on its own (unaligned) versions as its loss would see them.
-                others["areal_loglinear"] = compute_prox_logp_approximations(
+                others[AREAL_LOGLINEAR] = compute_prox_logp_approximations(
                     old_logp=behave_logp.float(), logprobs=theta_logp.float(), versions=areal_versions,
                     current_version=current_version, method="loglinear",
                 )["loglinear"]
@@ -107,6 +133,7 @@ def a3po_loss_fn(
                 approx=approx, others=others, truth=truth, behave=behave_logp, theta=theta_logp,
                 advantages=input_data["advantages"], tokens=tokens, staleness=d, minibatch=minibatch,
                 eps_clip=grpo_kwargs.get("eps_clip", 0.2), eps_clip_higher=grpo_kwargs.get("eps_clip_higher"),
+                staleness_limit=a3po.staleness_limit,
             )
             _audit(audit, step_audit)
 
@@ -115,6 +142,26 @@ def a3po_loss_fn(
     return grpo_loss_fn(
         logprobs, entropy, {**input_data, "prox_logp": prox_logp}, current_version=current_version, **grpo_kwargs
     )
+
+
+def _other_anchors(a3po: A3POConfig) -> list[str]:
+    return sorted(set(ANCHORS) - {a3po.anchor})
+
+
+def _anchor_key(anchor: str) -> str:
+    return f"anchor_{anchor}"
+
+
+def _log_empty_audit(a3po: A3POConfig, minibatch: int) -> None:
+    """The audit keys of ``minibatch`` with no token, for a rank where AReaL never called the loss in
+    that minibatch (it skips micro-batches whose tokens are all masked): the keys a rank logs must
+    not depend on its shard, or AReaL's stats export over the ranks does not pair up."""
+    zero, none = torch.zeros(1), torch.zeros(1, dtype=torch.bool)
+    others = {**{_anchor_key(a): zero for a in _other_anchors(a3po)}, AREAL_LOGLINEAR: zero}
+    inputs = AuditInputs(approx=zero, others=others, truth=zero, behave=zero, theta=zero, advantages=zero, tokens=none,
+                         staleness=zero, minibatch=minibatch, eps_clip=0.2, staleness_limit=a3po.staleness_limit)
+    with stats_tracker.scope("a3po"):
+        log_audit_report(audit_report(inputs))
 
 
 def _audit(inputs: AuditInputs, step_audit: _StepAudit | None) -> None:
@@ -128,8 +175,12 @@ def _audit(inputs: AuditInputs, step_audit: _StepAudit | None) -> None:
 class _A3POUpdateEngine:
     """The engine as ``PPOActor._ppo_update`` sees it during one A-3PO update.
 
-    Everything is the real engine's, except ``train_batch``, which numbers the minibatches and
-    swaps AReaL's ``grpo_loss_fn`` partial for ``a3po_loss_fn`` with the same arguments.
+    Everything is the real engine's, except ``train_batch``, which numbers the minibatches, swaps
+    AReaL's ``grpo_loss_fn`` partial for ``a3po_loss_fn`` with the same arguments and, after the
+    minibatch, raises on every rank of the data-parallel group when the loss saw a NaN/Inf log π_θ
+    on any of them (one all-gather per minibatch; AReaL has skipped that optimizer step). On an
+    audited step, a minibatch in which AReaL never called the loss on this rank still logs its
+    audit keys (``_log_empty_audit``).
     """
 
     def __init__(self, engine: Any, a3po: A3POConfig, n_minibatches: int, step_audit: _StepAudit):
@@ -160,5 +211,12 @@ class _A3POUpdateEngine:
             n_minibatches=self._n_minibatches,
             step_audit=self._step_audit,
         )
-        self._minibatch += 1
-        return self._engine.train_batch(input_, loss_fn=a3po_loss, loss_weight_fn=loss_weight_fn)
+        minibatch, self._minibatch = self._minibatch, self._minibatch + 1
+        calls = self._step_audit.loss_calls
+        stats = self._engine.train_batch(input_, loss_fn=a3po_loss, loss_weight_fn=loss_weight_fn)
+        if self._step_audit.audited and self._step_audit.loss_calls == calls:
+            _log_empty_audit(self._a3po, minibatch)
+        bad = int(gather_rows([self._step_audit.take_nonfinite_theta()], getattr(self._engine, "data_parallel_group", None)).sum())
+        if bad:
+            raise theta_error(bad, minibatch)
+        return stats

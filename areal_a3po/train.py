@@ -17,7 +17,8 @@ The steps, each usable on its own (``benchmarks/harness/train.py`` swaps in its 
   the run started is stopped before it returns, and the exit status is the result.
 
 A bad config or a failed preflight prints the named problems and exits with status 2, without a
-traceback; a server that does not come up exits with 1.
+traceback; a server that does not come up, or a worker that dies during the run (a trainer rank
+killed, say: the message names it), exits with 1.
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
     except ServerLaunchError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        lost = _lost_worker(exc)
+        if lost is None:
+            raise
+        print(f"{prog}: {lost} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, SystemExit) as exc:
         interrupted = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc.code, int) else 1)
         print(f"{prog}: interrupted; stopping the run's workers and server.", file=sys.stderr)
@@ -200,6 +207,27 @@ def main(argv: list[str]) -> int:
         print(f"areal_a3po.train: {exc}{hint}", file=sys.stderr)
         return 2
     return run(job)
+
+
+def _lost_worker(exc: BaseException) -> str | None:
+    """What AReaL's ``WorkerFailedError`` (a worker process died: killed, out of memory, …) means, in
+    one line naming the trainer rank; None for any other error. AReaL reports the exit code of the
+    shell around the worker, which is 0 even when the worker was killed, so the code is not repeated."""
+    from areal.infra.scheduler.exceptions import WorkerFailedError
+
+    while exc is not None and not isinstance(exc, WorkerFailedError):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    role, _, index = str(exc.worker_id).partition("/")
+    what = {"actor": f"trainer rank {index}", "rollout": f"rollout worker {index} (and its inference server)"}.get(role, "a worker")
+    return f"{what} (AReaL worker {exc.worker_id!r}) stopped during the run; its log is in AReaL's log folder ({role}.log)."
+
+
+def _resume_hint(config) -> str:
+    if config.recover.mode in ("on", "auto"):
+        return f"Run the same command again to resume from the last recover checkpoint (recover.mode={config.recover.mode})."
+    return "To be able to resume after such a failure, set recover.mode=on and recover.freq_steps."
 
 
 def _exit_on_sigterm(signum, frame):

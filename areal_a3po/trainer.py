@@ -65,11 +65,23 @@ class A3POTrainer(PPOTrainer):
                 raise ServerLaunchError(_server_launch_message(config, exc)) from exc
             raise
 
+    def actor_engine_class(self, backend: str) -> type:
+        """The actor engine class for ``backend`` (``ACTOR_ENGINES``); a subclass may pick its own."""
+        return actor_engine_class(backend)
+
+    def _init_rollout(self, rollout_config, is_eval: bool = False, **kwargs):
+        # AReaL 1.0.4 starts an evaluation rollout worker in every run, also when the experiment has
+        # no valid_dataset and so nothing to evaluate (its evaluate() needs both). It costs a worker
+        # start and stop (about 12 s on a 2-core machine) and a process for the whole run; skip it.
+        if is_eval and self.config.valid_dataset is None:
+            return None
+        return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
+
     def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
         if not isinstance(actor_config, A3POActorConfig):  # the reference model, or a plain config
             return super()._create_train_engine(actor_config, alloc)
         # Same as PPOTrainer._create_train_engine in areal 1.0.4, with the plugin's engine class.
-        actor_cls = actor_engine_class(alloc.backend)
+        actor_cls = self.actor_engine_class(alloc.backend)
         if is_single_controller():
             actor = actor_cls.as_controller(actor_config, self.scheduler)
         else:

@@ -64,8 +64,10 @@ def method_of(config) -> str:
                  and not v.on_policy), actor.prox_logp_method)
 
 
-def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrides: list[str], synthetic: str | None, tag: str) -> list[dict]:
-    """One dict per run: label, method, config object, command line and environment."""
+def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrides: list[str], synthetic: str | None, tag: str,
+              seed: int | None = None) -> list[dict]:
+    """One dict per run: label, method, config object, command line and environment (``seed``: the
+    experiment's ``seed``, else the YAML's)."""
     from areal_a3po.config import load_config
     from benchmarks.harness.train import SyntheticGRPOConfig
 
@@ -73,7 +75,7 @@ def plan_runs(configs: list[str], methods: list[str] | None, steps: int, overrid
     for path in configs:
         for method in methods or [None]:
             extra = list(METHODS[method]) if method else []
-            base = [f"total_train_steps={steps}", *overrides, *extra]
+            base = [f"total_train_steps={steps}", *overrides, *extra, *([f"seed={seed}"] if seed is not None else [])]
             if synthetic:
                 base.append(f"++synthetic.model={synthetic}")  # ++: also for YAMLs without the block
             probe, _ = load_config(["--config", path, *base], SyntheticGRPOConfig)  # validated here, before anything runs
@@ -101,6 +103,7 @@ def _first(row: dict, *patterns: str):
 
 
 AUDIT_KEY = "ppo_actor/update/a3po/audit/abs_error/avg"
+SEQ_LEN_KEY = "ppo_actor/seq_len/avg"  # prompt + generated tokens per sequence
 REWARD_KEYS = ("ppo_actor/task_reward/avg", "rollout/reward", "task_reward")
 _median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
 
@@ -126,6 +129,7 @@ def summarize_run(rows: list[dict], skip: int = 1) -> dict:
         phases={k.removeprefix("timeperf/"): _median([r.get(k, 0.0) for r in body]) for k in phases},
         recompute_logp_seconds=_median([r.get("timeperf/recompute_logp", 0.0) for r in body]),
         train_step_seconds=_median([r["timeperf/train_step"] for r in body if "timeperf/train_step" in r]),
+        seq_len=_median([r[SEQ_LEN_KEY] for r in body if SEQ_LEN_KEY in r]),
         task_reward=_first(last, *REWARD_KEYS),
         first_reward=rewards[0] if rewards else None,
         eval_reward=evals[-1] if evals else None,
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run each config once per method")
     parser.add_argument("--steps", type=int, default=50, help="total_train_steps of each run")
     parser.add_argument("--repeats", type=int, default=1, help="run the list this many times, alternating the order")
+    parser.add_argument("--seeds", action="store_true", help="repetition r runs with seed=r+1 (else every run has the YAML's seed)")
     parser.add_argument("--pin", action="store_true",
                         help="controller on core 0 with one thread (with configs/cpu_tiny_pinned.yaml: server core 0, trainer core 1)")
     parser.add_argument("--synthetic", nargs="?", const="qwen2.5-1.5b", default=None, metavar="SHAPE",
@@ -332,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
     tag = time.strftime("%Y%m%d-%H%M%S")
     # One trial per run and repetition: AReaL would otherwise resume or append to an earlier one.
     plans = [plan_runs(args.configs, args.methods, args.steps, args.override, args.synthetic,
-                       f"{tag}-r{rep}" if args.repeats > 1 else tag) for rep in range(args.repeats)]
+                       f"{tag}-r{rep}" if args.repeats > 1 else tag, seed=rep + 1 if args.seeds else None)
+             for rep in range(args.repeats)]
     runs = plans[0]
     if args.dry_run:
         dry_run(runs, args.synthetic)

@@ -5,7 +5,7 @@
     python -m benchmarks.step_time --device cuda --model qwen2.5-1.5b-shape --dry-run   # plan only (CPU)
 
 All variants train the same tiny Qwen2 (real AReaL FSDP actor, CPU), one actor each, on stale
-batches scored by their own weight snapshots (the demo's run, ``benchmarks.demo``), interleaved step
+batches scored by their own weight snapshots (the demo's run, ``benchmarks.in_process``), interleaved step
 by step in one process (``benchmarks.harness.loop``) so machine noise hits all alike. Reported per phase: median and interquartile range over the steps after the first; the
 per-step ratio variant/recompute (median); the **limit ratio** (recompute step − recompute phase) /
 recompute step, the best any approximation can do; and the interpolation's own cost, timed alone on
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from benchmarks.demo import Settings, per_step, run, stream_parser
+from benchmarks.in_process import Settings, per_step, run, stream_parser
 from benchmarks.harness import variants as registry
 from benchmarks.harness.loop import PHASES as LOOP_PHASES, after_warmup
 from benchmarks.output import save
@@ -150,7 +150,7 @@ def plan(args) -> str:
     lines = [f"device={args.device} model={args.model} steps={args.steps} batch={args.seqs}x{args.seq_len} tokens "
              f"ppo_n_minibatches={args.minibatches} max_staleness={args.max_staleness} variants={list(registry.COMPARED)}"]
     if shape is None:
-        lines.append("toy model: one actor per variant, each scored by its own weight snapshots (benchmarks.demo)")
+        lines.append("toy model: one actor per variant, each scored by its own weight snapshots (benchmarks.in_process)")
     else:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -1,4 +1,12 @@
+import os
+
 import pytest
+
+# AReaL torch.compiles its logprob gather, and vLLM parts of its sampler: tens of seconds on one CPU
+# core at the first call of every process (the test session, each spawned rank, each worker and
+# server of a real run inherit this), for no gain at the tests' sizes. Tests compare the plugin with
+# AReaL on the same eager path.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,19 @@ all the same).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from benchmarks.harness.launch import REPO, Run, launch, read_stats, without_spmd_env
 
 CPU_TINY = REPO / "configs" / "cpu_tiny.yaml"
+CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
 #: The run's entry point, as a user types it after ``python``.
 ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
@@ -30,7 +33,10 @@ GRACE_SECONDS = 10
 #: PATH without the venv: the system's python3 there has no vLLM.
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-__all__ = ["BARE_PATH", "CPU_TINY", "ENTRY", "REPO", "Run", "experiment_overrides", "no_orphans", "stats_rows", "train", "user_env"]
+__all__ = [
+    "BARE_PATH", "CPU_TINY", "CPU_TINY_DP2", "ENTRY", "REPO", "Raised", "Run", "experiment_overrides", "no_orphans", "run_ranks", "stats_rows",
+    "train", "user_env",
+]
 
 
 def user_env(**extra: str) -> dict[str, str]:
@@ -56,13 +62,27 @@ def experiment_overrides(workdir: Path, trial: str) -> list[str]:
     ]
 
 
-def train(workdir: Path, trial: str, *overrides: str, kill_after_step: int | None = None, timeout: float = 420) -> Run:
-    """Run ``configs/cpu_tiny.yaml`` to the end, or SIGKILL its whole process group once AReaL has
-    committed the stats of global step ``kill_after_step``."""
+def train(
+    workdir: Path,
+    trial: str,
+    *overrides: str,
+    config: Path = CPU_TINY,
+    env: dict[str, str] | None = None,
+    kill_after_step: int | None = None,
+    kill_when=None,
+    kill=None,
+    kill_signal: int = 9,
+    timeout: float = 420,
+) -> Run:
+    """Run ``config`` (``configs/cpu_tiny.yaml``) to the end, or SIGKILL its whole process group (or only
+    the processes ``kill`` matches, e.g. ``launch.worker("actor", 1)``, with ``kill_signal``) once AReaL
+    has committed the stats of global step ``kill_after_step`` (or when ``kill_when(rows)`` holds).
+    ``env``: variables added to the user's environment."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *ENTRY, "--config", str(CPU_TINY), *experiment_overrides(workdir, trial), *overrides]
+    cmd = [sys.executable, *ENTRY, "--config", str(config), *experiment_overrides(workdir, trial), *overrides]
     return launch(cmd, log_file=workdir / f"{trial}.out", stats=f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl",
-                  env=user_env(PYTHONUNBUFFERED="1"), kill_after_step=kill_after_step, timeout=timeout)
+                  env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill_after_step=kill_after_step, kill_when=kill_when, kill=kill,
+                  kill_signal=kill_signal, timeout=timeout)
 
 
 def _started_here(proc: psutil.Process, existing: set[int], me: int) -> bool:
@@ -114,6 +134,77 @@ def no_orphans():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
+
+
+# --- Several trainer ranks in one test: fresh processes over gloo ---
+
+
+def _rank_entry(target, rank: int, world: int, port: int, queue, args: tuple, output: str | None) -> None:
+    if output is not None:  # this rank's stdout and stderr (AReaL's log lines, warnings) to a file of its own
+        fd = os.open(f"{output}.rank{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    os.environ.update(
+        AREAL_SPMD_MODE="1", WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        value = target(rank, world, *args)
+    except BaseException as exc:  # noqa: BLE001 - what the rank raised is the result
+        value = Raised(type(exc).__name__, exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc))
+    queue.put((rank, value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Raised:
+    """What a rank raised (its type's name and message), as ``run_ranks`` returns it."""
+
+    type: str
+    message: str
+
+
+def run_ranks(target, *args, world: int = 2, timeout: float = 180.0, output: str | None = None) -> list:
+    """``target(rank, world, *args)`` in ``world`` fresh processes (spawned: no state from this one),
+    with the SPMD variables of one rank each and one rendezvous port (``init_process_group("gloo")``
+    or AReaL's engine finds them). Returns every rank's result, or ``Raised`` for what a rank raised.
+    ``output``: each rank's stdout/stderr goes to ``<output>.rank<r>``. A rank that dies without a
+    result, or gives none within ``timeout`` seconds (a hang in a collective), fails the call and
+    every rank is killed."""
+    import multiprocessing
+    import queue as queues
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[int, Any] = {}
+    box = ctx.Queue()
+    procs = [ctx.Process(target=_rank_entry, args=(target, r, world, port, box, args, output)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            try:
+                rank, value = box.get(timeout=0.5)
+                results[rank] = value
+                continue
+            except queues.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+            if dead:
+                raise AssertionError(f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]} without a result")
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world) if r not in results]
+                raise AssertionError(f"rank(s) {missing} gave no result within {timeout:.0f} s (waiting in a collective?)")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world)]
 
 
 # --- In-process batches (actor tests) ---

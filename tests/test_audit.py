@@ -70,6 +70,7 @@ def _audited_minibatch() -> AuditInputs:
         approx=torch.tensor([-1.0, -1.5, -3.5, 50.0]), others={"anchor_recompute": p.clone(), "areal_loglinear": b.clone()},
         truth=p, behave=b, theta=p.clone(), advantages=torch.tensor([1.0, -1.0, 1.0, 1.0]),
         tokens=torch.tensor([True, True, True, False]), staleness=torch.tensor([0.0, 1.0, 1.0, 2.0]), minibatch=1, eps_clip=0.2,
+        staleness_limit=1,  # buckets staleness_0, staleness_1, staleness_gt_1
     )
 
 
@@ -85,7 +86,10 @@ def test_audit_report_by_hand():
     assert all(v.abs().max() == 0 for v in report.others["anchor_recompute"].values())
     torch.testing.assert_close(report.others["areal_loglinear"]["abs_error"], torch.tensor([0.2, 1.0, 1.0, 0.0]), rtol=0, atol=1e-6)
     torch.testing.assert_close(report.behave_gap, torch.tensor([0.2, 1.0, 1.0, 0.0]), rtol=0, atol=1e-6)
-    assert {d: sel.tolist() for d, sel in report.staleness.items()} == {0: [True, False, False, False], 1: [False, True, True, False]}
+    # Every bucket, the empty one too (the masked token's d = 2 is not a token).
+    assert {name: sel.tolist() for name, sel in report.staleness.items()} == {
+        "staleness_0": [True, False, False, False], "staleness_1": [False, True, True, False], "staleness_gt_1": [False] * 4,
+    }
 
 
 def test_log_audit_report_writes_exactly_these_keys():
@@ -100,7 +104,9 @@ def test_log_audit_report_writes_exactly_these_keys():
     averaged = [f"audit/{m}{metric}" for m in methods for metric in TOKEN_METRICS]
     averaged += [f"audit/{bucket}/{m}abs_error" for bucket in ("minibatch_1", "staleness_0", "staleness_1") for m in methods]
     averaged += ["audit/staleness_0/behave_gap", "audit/staleness_1/behave_gap"]
-    plain = ["audit/tokens", "audit/max_abs_error", "audit/minibatch_1/tokens", "audit/staleness_0/tokens", "audit/staleness_1/tokens"]
+    # staleness_gt_1 holds no token: its averages are left out by AReaL's export, its token count is 0.
+    plain = ["audit/tokens", "audit/max_abs_error", "audit/minibatch_1/tokens", "audit/staleness_0/tokens", "audit/staleness_1/tokens",
+             "audit/staleness_gt_1/tokens"]
     assert set(stats) == {f"a3po/{k}/{agg}" for k in averaged for agg in ("avg", "max", "min")} | {f"a3po/{k}" for k in plain}
 
     # Means over the 3 tokens (see test_audit_report_by_hand): |â − p| (0 + .5 + .5)/3, |b − p| (.2 + 1 + 1)/3.
@@ -110,7 +116,7 @@ def test_log_audit_report_writes_exactly_these_keys():
         "audit/minibatch_1/tokens": 3.0, "audit/minibatch_1/abs_error/avg": 1 / 3,
         "audit/staleness_0/tokens": 1.0, "audit/staleness_0/abs_error/avg": 0.0, "audit/staleness_0/behave_gap/avg": 0.2,
         "audit/staleness_1/tokens": 2.0, "audit/staleness_1/abs_error/avg": 0.5, "audit/staleness_1/behave_gap/avg": 1.0,
-        "audit/staleness_1/areal_loglinear/abs_error/avg": 1.0,
+        "audit/staleness_1/areal_loglinear/abs_error/avg": 1.0, "audit/staleness_gt_1/tokens": 0.0,
     }
     for key, value in expected.items():
         assert stats[f"a3po/{key}"] == pytest.approx(value, abs=1e-6), key

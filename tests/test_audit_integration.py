@@ -164,6 +164,29 @@ def test_fallback_switches_on_drift_keeps_its_mode_through_a_checkpoint_and_reco
     assert (parameters(resumed) - parameters(ref)).abs().max().item() <= 1e-6
 
 
+def test_a_failed_state_write_keeps_the_last_state_and_a_missing_one_is_named(tiny_model, tmp_path):
+    from areal.api.io_struct import SaveLoadMeta
+
+    fallback = {"metric": "abs_error", "threshold": 1e-3}
+    actor = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=T, a3po_options={"audit_interval": 1, "fallback": fallback})
+    actor.actor.fallback.mode = "recompute"
+    meta = SaveLoadMeta(path=str(tmp_path / "ckpt"), weight_format="dcp", with_optim=True)
+    actor.save(meta)
+    # A save that fails while writing the state (here: a value JSON cannot hold) leaves the last state whole.
+    good = actor.actor.state_dict
+    actor.actor.state_dict = lambda: {"fallback": {**good()["fallback"], "mode": "approximate", "note": object()}}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        actor.save(meta)
+    resumed = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=T, a3po_options={"audit_interval": 1, "fallback": fallback})
+    resumed.load(meta)
+    assert resumed.actor.fallback.mode == "recompute"
+    # A checkpoint without the state (a run without a3po wrote it, or the file is lost) is said, not guessed silently.
+    (tmp_path / "ckpt" / STATE_FILE).unlink()
+    fresh = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=T, a3po_options={"audit_interval": 1, "fallback": fallback})
+    with pytest.warns(A3POWarning, match=rf"the checkpoint .*ckpt has no {STATE_FILE} .* it resumes in 'approximate' mode"):
+        fresh.load(meta)
+
+
 def _trajs(actor, versions=None):
     return stale_rollout(actor, mixed_versions() if versions is None else versions).trajectories()
 

@@ -71,7 +71,7 @@ def test_step_time_gpu_mode_plan_and_its_cpu_path(tmp_path, capsys):
 
 
 def test_demo_with_the_plugins_own_audit(tmp_path, capsys):
-    from benchmarks import demo
+    from benchmarks import in_process as demo
 
     out = tmp_path / "demo.json"
     demo.main(["--steps", "3", "--seqs", "4", "--seq-len", "12", "--minibatches", "1", "--audit-interval", "2",

@@ -9,7 +9,7 @@ from areal_a3po import A3POActorConfig, A3POConfigError, A3POGRPOConfig, Fallbac
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 #: The CPU configs carry the harness's ``synthetic`` block (benchmarks.harness.train); the others are
 #: plain experiments for ``python -m areal_a3po.train``.
-SYNTHETIC = {p for p in CONFIGS if p.name.startswith("cpu_tiny")}
+SYNTHETIC = {p for p in CONFIGS if p.name.startswith("cpu_")}
 GSM8K = next(p for p in CONFIGS if p.name == "gsm8k_a3po.yaml")
 
 
@@ -78,11 +78,22 @@ def test_recompute_keeps_arealsmeaning(tmp_path):
         (["actor.a3po.audit_interval=5", "actor.a3po.fallback.recover_after=-2"], r"actor\.a3po\.fallback\.recover_after=-2 must be an integer ≥ 0"),
         (["actor.a3po.fallback.threshold=0.1"], r"actor\.a3po\.fallback\.threshold is set but actor\.a3po\.audit_interval=0, so nothing is ever audited"),
         (["actor.a3po.max_staleness=-1"], r"actor\.a3po\.max_staleness=-1 must be an integer ≥ 0 or null"),
+        (["actor.backend=megatron:d2p2t1"], r"actor\.backend='megatron:d2p2t1': actor\.prox_logp_method=a3po does not support pipeline parallelism yet \(p2\).* Use p1"),
     ],
 )
 def test_invalid_settings_name_the_key(tmp_path, overrides, message):
     with pytest.raises(A3POConfigError, match=message):
         _load(tmp_path, *overrides)
+
+
+def test_pipeline_parallelism_is_refused_only_with_a3po(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the YAML's actor.a3po block, unused by recompute
+        config, _ = _load(tmp_path, "actor.backend=megatron:d2p2t1", "actor.prox_logp_method=recompute")
+    assert config.actor.backend == "megatron:d2p2t1"
+    assert _load(tmp_path, "actor.backend=megatron:d4p1t2")[0].actor.backend == "megatron:d4p1t2"
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

@@ -99,7 +99,7 @@ def test_synthetic_model_tokenizer_and_reward(tmp_path):
     assert reward_fn(prompt, "13 1 3 2", [], [], "4 1 3 2") == 0.75
     assert reward_fn(prompt, "", [], [], row["answer"]) == 0.0
     assert model_shape("qwen2.5-1.5b")["hidden_size"] == 1536
-    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-tiny', 'qwen2.5-1.5b', 'tiny', 'toy'\]"):
+    with pytest.raises(ValueError, match=r"unknown model shape 'gpt5'; choose one of \['cpu-mid', 'cpu-tiny', 'cpu-wide', 'qwen2.5-1.5b', 'tiny', 'toy'\]"):
         model_shape("gpt5")
 
 
@@ -206,7 +206,7 @@ def test_launch_times_out_and_leaves_nothing(tmp_path):
     assert run.returncode == 0 and run.rows == [] and run.stats_file is None and "done" in run.output
 
 
-def test_make_demo_plans_its_four_runs(tmp_path):
+def test_make_demo_plans_its_two_runs(tmp_path):
     # The README's main command, as typed (only --dry-run added through ARGS): its configs, methods
     # and overrides load and validate. Skipped where `make install` has not run (it would install).
     import subprocess
@@ -219,6 +219,42 @@ def test_make_demo_plans_its_four_runs(tmp_path):
     out = subprocess.run(["make", "-s", "demo", f"ARGS=--dry-run --override cluster.fileroot={tmp_path}"], cwd=repo,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = [line for line in out.stdout.splitlines() if line.startswith("[cpu_tiny_pinned-")]
-    assert [line.split()[1] for line in runs] == [f"method={m}" for m in ("recompute", "a3po-paper", "a3po-recompute", "areal-loglinear")]
-    assert all("steps=16" in line for line in runs) and out.stdout.count("actor.a3po.audit_interval=4") == 4
+    runs = [line for line in out.stdout.splitlines() if line.startswith("[cpu_wide_pinned-")]
+    assert [line.split()[1] for line in runs] == [f"method={m}" for m in ("recompute", "a3po-paper")]
+    assert all("steps=16" in line for line in runs) and out.stdout.count("actor.a3po.audit_interval=10") == 1  # a3po only
+    assert "point wide (4 layers, hidden 256, 24 new tokens): 2 runs" in out.stdout
+
+
+def _share_run(point, method, rep, step, recompute, rewards):
+    summary = dict(step_seconds=step, recompute_logp_seconds=recompute, train_step_seconds=step - recompute - 1.0, seq_len=20.0,
+                   first_reward=rewards[0], audit_abs_error=None,
+                   reward_curve=[(i, float(i), r) for i, r in enumerate(rewards)])
+    return f"{point}-{method}-r{rep}", dict(point=point, method=method, repeat=rep, summary=summary)
+
+
+def test_share_summary_by_hand(tmp_path, capsys):
+    from benchmarks import share
+
+    # Two repetitions at 'wide'. r0: recompute 10 s a step of which 2.5 s recompute (share .25),
+    # a3po 8 s -> saved 1 − 8/10 = 20%, kept (10 − 8)/2.5 = 80%. r1: recompute 12 s / 3 s (share .25),
+    # a3po 9 s -> saved 25%, kept 100%. Final reward = mean of the last FINAL = 10 steps.
+    runs = dict([
+        _share_run("wide", "recompute", 0, 10.0, 2.5, [0.1] * 5 + [0.5] * 10),
+        _share_run("wide", "a3po-paper", 0, 8.0, 0.0, [0.1] * 5 + [0.4] * 10),
+        _share_run("wide", "recompute", 1, 12.0, 3.0, [0.1] * 5 + [0.3] * 10),
+        _share_run("wide", "a3po-paper", 1, 9.0, 0.0, [0.1] * 5 + [0.4] * 10),
+    ])
+    e2e_speedup.compare(runs)
+    p = share.summarize(runs)["wide"]
+    assert p["recompute_share"] == dict(median=0.25, min=0.25, max=0.25, n=2)
+    a3po = p["methods"]["a3po-paper"]
+    assert a3po["time_saved"]["min"] == pytest.approx(0.20) and a3po["time_saved"]["max"] == pytest.approx(0.25)
+    assert a3po["kept"]["min"] == pytest.approx(0.80) and a3po["kept"]["max"] == pytest.approx(1.00)
+    assert a3po["time_saved"]["median"] == pytest.approx(0.225) and a3po["kept"]["median"] == pytest.approx(0.90)
+    # final rewards: recompute .5 and .3, a3po .4 and .4 -> per seed −.1 and +.1; seed spread .5 − .3 = .2
+    assert a3po["final_reward_vs_recompute"]["min"] == pytest.approx(-0.1) and a3po["final_reward_vs_recompute"]["max"] == pytest.approx(0.1)
+    assert p["seed_spread"] == pytest.approx(0.2)
+    table = share.format_table({"wide": p})
+    assert "22.5% [20.0%, 25.0%]" in table and "90.0% [80.0%, 100.0%]" in table
+    share.plot({"wide": p}, runs, str(tmp_path / "share.png"))
+    assert (tmp_path / "share.png").read_bytes()[:4] == b"\x89PNG"

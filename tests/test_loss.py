@@ -126,6 +126,20 @@ def test_engine_view_numbers_minibatches_and_passes_areals_arguments_on():
         view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)
 
 
+def test_an_audited_minibatch_without_a_loss_call_still_logs_its_audit_keys():
+    # AReaL skips the loss of a micro-batch whose tokens are all masked; on an audited step this rank
+    # must still log minibatch j's audit keys (with no token), or the ranks' stats export does not pair up.
+    from areal.utils import stats_tracker
+
+    stats_tracker.export_all()
+    view = _A3POUpdateEngine(_Recorder(), A3POConfig(max_staleness=1), 2, _StepAudit(use_truth=False, audited=True))
+    areal_loss = functools.partial(grpo_loss_fn, current_version=K, prox_logp_method="a3po", **AREAL_KW)
+    view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)  # the recorder never calls the loss
+    stats = stats_tracker.export_all()
+    # Every audit key of minibatch 0 is there with 0 tokens; the averages of no token are left out by the export.
+    assert stats == {f"a3po/audit/{b}tokens": 0.0 for b in ("", "minibatch_0/", "staleness_0/", "staleness_1/", "staleness_gt_1/")}
+
+
 def test_engine_view_refuses_a_loss_it_does_not_know():
     view = _A3POUpdateEngine(_Recorder(), A3POConfig(), 1, _StepAudit(use_truth=False))
     with pytest.raises(RuntimeError, match=r"expected PPOActor\._ppo_update to pass functools\.partial\(grpo_loss_fn, \.\.\.\) to train_batch.*need areal==1\.0\.4"):

@@ -43,6 +43,7 @@ def make_actor(
     plugin: bool = True,
     total_steps: int = 1000,
     a3po_options: dict[str, Any] | None = None,
+    data_parallel_size: int = 1,
     **overrides: Any,
 ):
     """An initialised FSDP PPO actor on CPU: the plugin's ``A3POFSDPActor`` or, with
@@ -51,7 +52,8 @@ def make_actor(
     ``max_tokens_per_mb`` should be at most one sequence's length, so that each micro-batch holds
     one sequence. Decoupled loss, rejection sampling as in AReaL's examples (ratio ≤ 5), no KL.
     ``a3po_options`` go to ``A3POConfig`` next to ``anchor`` and ``interpolation`` (e.g.
-    ``{"audit_interval": 1, "fallback": {"threshold": 0.01}}``).
+    ``{"audit_interval": 1, "fallback": {"threshold": 0.01}}``). ``data_parallel_size`` > 1: one rank of
+    that many, in a process whose SPMD variables (WORLD_SIZE, RANK, MASTER_PORT, …) say so.
     """
     setup_single_process_env()
     from areal.api import FinetuneSpec
@@ -87,7 +89,7 @@ def make_actor(
         from areal.engine import FSDPPPOActor
 
         actor = FSDPPPOActor(config=PPOActorConfig(**kwargs))
-    actor.create_process_group(parallel_strategy=ParallelStrategy())
+    actor.create_process_group(parallel_strategy=ParallelStrategy(data_parallel_size=data_parallel_size))
     actor.initialize(addr=None, ft_spec=FinetuneSpec(total_train_epochs=1, dataset_size=total_steps, train_batch_size=1))
     return actor
 

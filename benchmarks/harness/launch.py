@@ -18,6 +18,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,6 +60,32 @@ class Run:
         return [r["global_step"] for r in self.rows]
 
 
+#: What a run is doing before its first committed step, told by a line of its output (the last seen wins).
+PHASES = (
+    (b"Launching vLLM server", "starting the inference server"),
+    (b"Launching SGLang server", "starting the inference server"),
+    (b"Servers are all ready", "first step: warm-up"),
+)
+STARTING = "starting AReaL's workers"
+
+
+class _Phase:
+    """The phase of a run, from the new part of its output at each poll (for the progress bar)."""
+
+    def __init__(self, log_file: Path):
+        self.log_file, self.offset, self.name = log_file, log_file.stat().st_size, STARTING
+
+    def poll(self, steps: int) -> str:
+        with open(self.log_file, "rb") as f:
+            f.seek(self.offset)
+            text = f.read()
+        self.offset += len(text)
+        for marker, name in PHASES:
+            if marker in text:
+                self.name = name
+        return "training" if steps else self.name
+
+
 def _stats_file(stats: str | os.PathLike) -> Path | None:
     found = glob.glob(str(stats))
     return Path(found[0]) if found else None
@@ -70,16 +99,24 @@ def launch(
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
     kill_after_step: int | None = None,
+    kill_when: Callable[[list[dict]], bool] | None = None,
+    kill: Callable[[psutil.Process, int], bool] | None = None,
+    kill_signal: int = signal.SIGKILL,
     timeout: float | None = None,
     progress: tuple[str, int] | None = None,
     watch_cores: bool = False,
 ) -> Run:
     """Run ``command`` to its end, or SIGKILL its whole process group once the stats of global step
-    ``kill_after_step`` are committed; ``TimeoutError`` after ``timeout`` seconds (the run is killed).
+    ``kill_after_step`` are committed (or once ``kill_when(rows)`` holds for the committed stats);
+    ``TimeoutError`` after ``timeout`` seconds (the run is killed).
+    With ``kill`` (e.g. ``worker("actor", 1)``, or ``controller`` with ``kill_signal=SIGTERM``), send
+    ``kill_signal`` only to the run's processes it matches at that point (the step after it is under
+    way), and watch the run end by itself.
 
     ``stats``: the run's ``stats.jsonl`` (a glob pattern is allowed). Stats of earlier legs of the
     same trial (a recovered run) are in the same file: ``kill_after_step`` counts them too.
-    ``progress``: (label, total steps) for a tqdm bar. ``watch_cores``: read ``thread_cores`` once
+    ``progress``: (label, total steps) for a tqdm bar whose label says what the run is doing until its
+    first step (starting workers, starting the inference server, warm-up). ``watch_cores``: read ``thread_cores`` once
     two steps are committed. The log file is appended to, each leg headed by its command line.
     """
     from tqdm import tqdm
@@ -87,10 +124,13 @@ def launch(
     log_file.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=progress[1], desc=progress[0], unit="step", leave=True) if progress else None
     killed, cores = False, {}
+    if kill_when is None and kill_after_step is not None:
+        kill_when = lambda rows: any(r["global_step"] >= kill_after_step for r in rows)  # noqa: E731
     deadline = time.monotonic() + timeout if timeout else None
     with open(log_file, "ab") as log:
         log.write(("$ " + " ".join(command) + "\n").encode())
         log.flush()
+        phase = _Phase(log_file)
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while proc.poll() is None:
@@ -99,25 +139,58 @@ def launch(
                 path = _stats_file(stats)
                 rows = read_stats(path) if path else []
                 if bar is not None:
+                    desc = f"{progress[0]} ({phase.poll(len(rows))})"
+                    if desc != bar.desc:
+                        bar.set_description_str(desc)
                     bar.update(len(rows) - bar.n)
                 if watch_cores and len(rows) >= 2 and not cores:
                     cores = thread_cores(proc.pid)
-                if kill_after_step is not None and any(r["global_step"] >= kill_after_step for r in rows):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                if not killed and kill_when is not None and kill_when(rows):
                     killed = True
-                    break
+                    if kill is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        break
+                    _kill_matching(proc.pid, kill, kill_signal)
                 time.sleep(0.2)
         finally:
-            if proc.poll() is None or killed:
+            if proc.poll() is None or (killed and kill is None):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     path = _stats_file(stats)
     rows = read_stats(path) if path else []
     if bar is not None:
+        bar.set_description_str(f"{progress[0]} ({'done' if proc.returncode == 0 else f'exit {proc.returncode}'})")
         bar.update(len(rows) - bar.n)
         bar.close()
     return Run(proc.returncode, log_file, path, killed=killed, rows=rows, cores=cores)
+
+
+def worker(role: str, index: int) -> Callable[[psutil.Process, int], bool]:
+    """Matches AReaL's worker process ``role/index`` (``worker("actor", 1)``: trainer rank 1)."""
+
+    def match(proc: psutil.Process, root_pid: int) -> bool:
+        argv = proc.cmdline()
+        return "rpc_server" in " ".join(argv) and _arg(argv, "--role") == role and _arg(argv, "--worker-index") == str(index)
+
+    return match
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+def controller(proc: psutil.Process, root_pid: int) -> bool:
+    """Matches the command ``launch`` started (the run's controller): what a scheduler or ``kill`` signals."""
+    return proc.pid == root_pid
+
+
+def _kill_matching(root_pid: int, match: Callable[[psutil.Process, int], bool], sig: int) -> None:
+    root = psutil.Process(root_pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            if match(proc, root_pid) and os.path.basename(proc.cmdline()[0]) not in LOG_PLUMBING:
+                proc.send_signal(sig)
 
 
 #: Variables that put AReaL in SPMD mode (one process per rank) or pick a rendezvous port; a run
@@ -140,7 +213,6 @@ def thread_cores(root_pid: int) -> dict[str, list[int]]:
     side (the rollout workers, the vLLM server and its engine processes), the controller, and the
     shell pipeline that copies each worker's output to its log files.
     """
-    import psutil
 
     def role(proc) -> str:
         if os.path.basename((proc.cmdline() or [""])[0]) in LOG_PLUMBING:

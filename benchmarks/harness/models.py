@@ -3,7 +3,7 @@
 One builder, ``build_model(path, shape)``, writes the config, a tokenizer that covers the whole
 vocabulary and (``weights=True``) random weights drawn after ``torch.manual_seed(seed)``:
 
-- ``toy``: the in-process harness's policy (tests, ``benchmarks.demo``, ``step_time``, ``learning``,
+- ``toy``: the in-process harness's policy (tests, ``benchmarks.in_process``, ``step_time``, ``learning``,
   ``accuracy``): 4 layers, hidden 64, a **character-level** tokenizer of ``VOCAB``.
 - ``tiny``, ``cpu-tiny``, ``qwen2.5-1.5b``: real runs (``benchmarks.harness.train``). A **word-level**
   tokenizer (digits and symbols, then ``<tN>`` fillers up to the vocabulary size) with a minimal chat

@@ -11,7 +11,8 @@ not:
   so a run needs nothing downloaded. ``synthetic.model: ""`` keeps the config's model and datasets.
 - every step's committed stats also appended to ``<AReaL's log dir>/stats.jsonl`` (``STATS_FILE``),
   one JSON object per step with ``global_step`` and ``wall_time``: what ``benchmarks.e2e_speedup``,
-  ``benchmarks.mismatch`` and the pipeline tests read.
+  ``benchmarks.mismatch`` and the pipeline tests read; with ``$A3PO_RANKS_FILE`` set, each trainer
+  rank's view of every step too (``benchmarks.harness.ranks``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,16 @@ class SyntheticGRPOConfig(A3POGRPOConfig):
 
 
 class StatsFileTrainer(A3POTrainer):
-    """``A3POTrainer`` whose committed stats also go to ``<log dir>/stats.jsonl``."""
+    """``A3POTrainer`` whose committed stats also go to ``<log dir>/stats.jsonl``; with
+    ``$A3PO_RANKS_FILE`` set, its FSDP actor records each rank's view of every step there
+    (``benchmarks.harness.ranks``)."""
+
+    def actor_engine_class(self, backend: str) -> type:
+        from benchmarks.harness.ranks import RANKS_FILE_ENV, RankRecordingFSDPActor
+
+        if backend == "fsdp" and os.environ.get(RANKS_FILE_ENV):
+            return RankRecordingFSDPActor
+        return super().actor_engine_class(backend)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

@@ -83,7 +83,7 @@ VARIANTS: dict[str, Variant] = {
 
 #: The step-time comparison (``benchmarks.step_time``), in its order.
 COMPARED = ("recompute", "areal-loglinear", "a3po-paper", "a3po-recompute")
-#: The demo's variants (``benchmarks.demo``).
+#: The demo's variants (``benchmarks.in_process``).
 DEMO = ("recompute", "a3po-paper", "a3po-recompute")
 #: ``benchmarks.learning``'s default methods (``--sync`` adds ``REFERENCE``).
 LEARNING = ("recompute", "a3po-paper", "a3po-recompute", "areal-loglinear")

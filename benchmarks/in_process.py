@@ -1,6 +1,6 @@
-"""CPU demo: train the tiny model a few steps with AReaL's recompute and with A-3PO, side by side.
+"""In-process demo (no server): the tiny model trained a few steps with AReaL's recompute and with A-3PO, side by side.
 
-    python -m benchmarks.demo [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
+    python -m benchmarks.in_process [--steps 12] [--max-staleness 4] [--minibatches 2] [--json out.json]
                               [--audit-interval N]
 
 Every variant consumes the same kind of stream of stale batches (``ScoredStream``): the batch

@@ -1,0 +1,80 @@
+"""What each trainer rank saw at every step of a real run: the tests' window on data parallelism.
+
+AReaL reduces every statistic over the data-parallel ranks before it commits it, so the committed
+stats cannot say whether the ranks' shards differed. ``RankRecordingFSDPActor`` is the plugin's
+``A3POFSDPActor`` that, after each update, appends one JSON line per rank to the file named by
+``$A3PO_RANKS_FILE``: the trainer version, this rank's generated tokens by staleness, the fallback's
+mode after the step, whether AReaL's recompute forward ran, and this rank's audit totals per
+staleness bucket (sum of |â − p| and token count), read from this rank's ``stats_tracker`` before
+AReaL reduces it. ``benchmarks.harness.train`` builds this actor when that variable is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from areal_a3po.actor import A3POFSDPActor, A3POPPOActor
+from areal_a3po.proximal import staleness
+
+#: The environment variable that names the file (and turns the recording on).
+RANKS_FILE_ENV = "A3PO_RANKS_FILE"
+#: Where the actor's audit keys live in AReaL's stats tracker during an update.
+AUDIT_SCOPE = "ppo_actor/update/a3po/audit/"
+
+
+def _local_audit(prefix: str = AUDIT_SCOPE) -> dict[str, list[float]]:
+    """This rank's ``audit/<bucket>/abs_error`` totals so far in the step: bucket → [Σ|â − p|, tokens]."""
+    from areal.utils import stats_tracker
+
+    tracker = stats_tracker.DEFAULT_TRACKER
+    out = {}
+    for key, values in tracker.stats.items():
+        if not (key.startswith(prefix + "staleness_") and key.endswith("/abs_error") and key.count("/") == 5):
+            continue
+        masks = tracker.stats[tracker.denominators[key]]
+        total = sum(float(torch.where(m, v, 0.0).sum()) for v, m in zip(values, masks))
+        out[key[len(prefix):].split("/")[0]] = [total, float(sum(int(m.sum()) for m in masks))]
+    return out
+
+
+class RankRecordingActor(A3POPPOActor):
+    """``A3POPPOActor`` that records this rank's view of each update (see the module docstring)."""
+
+    def _ppo_update(self, data: dict[str, Any]) -> None:
+        k = self.engine.get_version()
+        tokens = data["loss_mask"].bool() & (data["versions"] >= 0)
+        d = staleness(data["versions"], k)[tokens]
+        super()._ppo_update(data)
+        row = dict(
+            rank=dist.get_rank() if dist.is_initialized() else 0,
+            version=k,
+            staleness={str(v): int((d == v).sum()) for v in sorted(set(d.long().tolist()))},
+            mode=self.fallback.mode,
+            recomputed=data.get("prox_logp") is not None,
+            audit=_local_audit(),
+        )
+        with open(os.environ[RANKS_FILE_ENV], "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class RankRecordingFSDPActor(A3POFSDPActor):
+    """``A3POFSDPActor`` whose actor is ``RankRecordingActor``."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.actor = RankRecordingActor(config, self)
+
+
+def read_ranks(path: str | os.PathLike) -> dict[int, dict[int, dict]]:
+    """The recorded rows as {version: {rank: row}}."""
+    out: dict[int, dict[int, dict]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            out.setdefault(row["version"], {})[row["rank"]] = row
+    return out
