@@ -226,7 +226,7 @@ def test_make_demo_plans_its_two_runs(tmp_path):
 
 
 def _share_run(point, method, rep, step, recompute, rewards):
-    summary = dict(step_seconds=step, recompute_logp_seconds=recompute, train_step_seconds=step - recompute - 1.0, seq_len=20.0,
+    summary = dict(steps=len(rewards), step_seconds=step, recompute_logp_seconds=recompute, train_step_seconds=step - recompute - 1.0, seq_len=20.0,
                    first_reward=rewards[0], audit_abs_error=None,
                    reward_curve=[(i, float(i), r) for i, r in enumerate(rewards)])
     return f"{point}-{method}-r{rep}", dict(point=point, method=method, repeat=rep, summary=summary)
@@ -254,7 +254,22 @@ def test_share_summary_by_hand(tmp_path, capsys):
     # final rewards: recompute .5 and .3, a3po .4 and .4 -> per seed −.1 and +.1; seed spread .5 − .3 = .2
     assert a3po["final_reward_vs_recompute"]["min"] == pytest.approx(-0.1) and a3po["final_reward_vs_recompute"]["max"] == pytest.approx(0.1)
     assert p["seed_spread"] == pytest.approx(0.2)
+    # train_step: recompute 10 − 2.5 − 1 = 6.5 and 8; a3po 7 and 8 -> 7/6.5 − 1 = +7.7% and 0%
+    assert a3po["train_step_vs_recompute"]["max"] == pytest.approx(7 / 6.5 - 1) and a3po["train_step_vs_recompute"]["min"] == 0.0
     table = share.format_table({"wide": p})
     assert "22.5% [20.0%, 25.0%]" in table and "90.0% [80.0%, 100.0%]" in table
     share.plot({"wide": p}, runs, str(tmp_path / "share.png"))
     assert (tmp_path / "share.png").read_bytes()[:4] == b"\x89PNG"
+    # A shorter repetition (timing only) is paired for the time saved but left out of the learning figures.
+    runs.update(dict([_share_run("wide", "recompute", 2, 10.0, 2.5, [0.0] * 5), _share_run("wide", "a3po-paper", 2, 8.0, 0.0, [0.9] * 5)]))
+    e2e_speedup.compare(runs)
+    p = share.summarize(runs)["wide"]
+    assert p["methods"]["a3po-paper"]["time_saved"]["n"] == 3 and p["methods"]["a3po-paper"]["final_reward"]["n"] == 2
+    # Runs merged from several points (``--from-json a.json b.json``) pair within their point: a 'tiny'
+    # recompute run of repetition 0 (2 s a step) listed first changes nothing at 'wide'.
+    merged = dict([_share_run("tiny", "recompute", 0, 2.0, 0.5, [0.0] * 15), *runs.items()])
+    e2e_speedup.compare(merged)
+    assert share.summarize(merged)["wide"]["methods"]["a3po-paper"]["time_saved"] == p["methods"]["a3po-paper"]["time_saved"]
+    # Tokens clipped: the mean over the steps that report AReaL's clip ratio, (0.1 + 0.3) / 2 = 0.2.
+    assert share.clip_ratio({"rows": [{share.CLIP_KEY: 0.1}, {share.CLIP_KEY: 0.3}, {}]}) == pytest.approx(0.2)
+    assert share.clip_ratio({"rows": []}) is None

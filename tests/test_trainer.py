@@ -159,25 +159,42 @@ def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
         train.preflight(config, environ={})
 
 
-@pytest.mark.parametrize(
-    "entry, argv, message",
-    [
-        ("benchmarks.harness.train", [*CPU_TINY, "synthetic.model=gpt5"], "synthetic.model='gpt5' is not a shipped shape"),
-        ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.anchr=paper"],
-         "Could not override 'actor.a3po.anchr'. To append to your config use +actor.a3po.anchr=paper (Key 'anchr' is not in struct)"),
-        ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.audit_interval=-3"],
-         "actor.a3po.audit_interval=-3 must be an integer ≥ 0"),
-        ("areal_a3po.train", CPU_TINY, "The `synthetic` block (a random model and synthetic prompts, configs/cpu_tiny.yaml) is read by"),
-    ],
-    ids=["harness-value", "unknown-key", "a3po-value", "synthetic-block"],
-)
-def test_bad_config_exits_2_with_the_named_problem_and_no_traceback(tmp_path, entry, argv, message):
+BAD_CONFIGS = {  # id: (entry point, arguments, the message on stderr)
+    "harness-value": ("benchmarks.harness.train", [*CPU_TINY, "synthetic.model=gpt5"], "synthetic.model='gpt5' is not a shipped shape"),
+    "unknown-key": ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.anchr=paper"],
+                    "Could not override 'actor.a3po.anchr'. To append to your config use +actor.a3po.anchr=paper (Key 'anchr' is not in struct)"),
+    "a3po-value": ("areal_a3po.train", ["--config", "configs/gsm8k_a3po.yaml", "actor.a3po.audit_interval=-3"],
+                   "actor.a3po.audit_interval=-3 must be an integer ≥ 0"),
+    "synthetic-block": ("areal_a3po.train", CPU_TINY, "The `synthetic` block (a random model and synthetic prompts, configs/cpu_tiny.yaml) is read by"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory):
+    """Every bad-config command at once (each spends its ~12 s importing AReaL): {id: (exit status, stderr)}."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", entry, *argv, f"cluster.fileroot={tmp_path}"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
+    procs = {}
+    for name, (entry, argv, _) in BAD_CONFIGS.items():
+        root = tmp_path_factory.mktemp(name)
+        procs[name] = subprocess.Popen([sys.executable, "-m", entry, *argv, f"cluster.fileroot={root}"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = {name: proc.communicate(timeout=180)[1] for name, proc in procs.items()}
+    finally:  # none left running, also when one timed out
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: (procs[name].returncode, err) for name, err in stderr.items()}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_config_exits_2_with_the_named_problem_and_no_traceback(bad_config_runs, name):
+    returncode, stderr = bad_config_runs[name]
+    assert returncode == 2, stderr[-2000:]
+    assert BAD_CONFIGS[name][2] in stderr
+    assert "Traceback" not in stderr
 
 
 def test_cpu_worker_extension_keeps_linear_weights_live():

@@ -142,7 +142,8 @@ def launch(
                     desc = f"{progress[0]} ({phase.poll(len(rows))})"
                     if desc != bar.desc:
                         bar.set_description_str(desc)
-                    bar.update(len(rows) - bar.n)
+                    if len(rows) != bar.n:
+                        bar.update(len(rows) - bar.n)
                 if watch_cores and len(rows) >= 2 and not cores:
                     cores = thread_cores(proc.pid)
                 if not killed and kill_when is not None and kill_when(rows):

@@ -4,9 +4,10 @@ AReaL reduces every statistic over the data-parallel ranks before it commits it,
 stats cannot say whether the ranks' shards differed. ``RankRecordingFSDPActor`` is the plugin's
 ``A3POFSDPActor`` that, after each update, appends one JSON line per rank to the file named by
 ``$A3PO_RANKS_FILE``: the trainer version, this rank's generated tokens by staleness, the fallback's
-mode after the step, whether AReaL's recompute forward ran, and this rank's audit totals per
+mode after the step, whether AReaL's recompute forward ran, this rank's audit totals per
 staleness bucket (sum of |â − p| and token count), read from this rank's ``stats_tracker`` before
-AReaL reduces it. ``benchmarks.harness.train`` builds this actor when that variable is set.
+AReaL reduces it, and whether the shard's consecutive ``group_size`` trajectories are each one
+prompt's samples (what AReaL's group reward normalisation assumes). ``benchmarks.harness.train`` builds this actor when that variable is set.
 """
 
 from __future__ import annotations
@@ -42,8 +43,20 @@ def _local_audit(prefix: str = AUDIT_SCOPE) -> dict[str, list[float]]:
     return out
 
 
+def groups_intact(trajectories: list[dict[str, Any]], group_size: int) -> bool:
+    """Whether every run of ``group_size`` consecutive trajectories shares one prompt (its tokens
+    before the first generated one): what AReaL's group reward normalisation assumes of a shard."""
+    prompts = [tuple(t["input_ids"][0][t["versions"][0] < 0].tolist()) for t in trajectories]
+    return all(len(set(prompts[i : i + group_size])) == 1 for i in range(0, len(prompts), group_size))
+
+
 class RankRecordingActor(A3POPPOActor):
     """``A3POPPOActor`` that records this rank's view of each update (see the module docstring)."""
+
+    def compute_advantages(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        norm = self.config.reward_norm
+        self._groups_intact = groups_intact(data, norm.group_size) if norm is not None and norm.mean_level == "group" else None
+        return super().compute_advantages(data)
 
     def _ppo_update(self, data: dict[str, Any]) -> None:
         k = self.engine.get_version()
@@ -57,6 +70,7 @@ class RankRecordingActor(A3POPPOActor):
             mode=self.fallback.mode,
             recomputed=data.get("prox_logp") is not None,
             audit=_local_audit(),
+            groups_intact=getattr(self, "_groups_intact", None),
         )
         with open(os.environ[RANKS_FILE_ENV], "a") as f:
             f.write(json.dumps(row) + "\n")
