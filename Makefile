@@ -27,5 +27,7 @@ demo: $(STAMP)
 	mkdir -p results
 	$(PY) -m benchmarks.share --demo --json results/demo.json --plot results/demo.png $(ARGS)
 
+# Two pytest-xdist workers, a test file per work unit: tests/test_pipeline.py (AReaL's real loop, one
+# run at a time) on one, the other files on the other. ARGS="-n 0" runs everything in one process.
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
