@@ -138,19 +138,24 @@ def summarize_run(rows: list[dict], skip: int = 1) -> dict:
     )
 
 
+def against(summary: dict, base: dict | None) -> dict:
+    """One run's figures against a recompute run's (both ``summarize_run`` summaries): the speedup
+    ``T_rec / T``, the time saved ``1 − T / T_rec`` and the share of the recompute phase it keeps,
+    ``(T_rec − T) / R_rec``; None where a time is missing."""
+    base = base or {}
+    t, t_rec, r_rec = summary.get("step_seconds"), base.get("step_seconds"), base.get("recompute_logp_seconds")
+    ok = bool(t and t_rec)
+    return dict(speedup=t_rec / t if ok else None, time_saved=1 - t / t_rec if ok else None,
+                kept=(t_rec - t) / r_rec if ok and r_rec else None)
+
+
 def compare(results: dict[str, dict]) -> dict:
     """Speedup of each run against the recompute run of its repetition (or the first recompute run),
     and the share of that run's recompute phase it keeps: ``(T_rec − T) / R_rec``."""
     recomputes = [r for r in results.values() if r["method"] == "recompute" and r["summary"].get("step_seconds")]
     for r in results.values():
-        s = r["summary"]
         base = next((b for b in recomputes if b.get("repeat") == r.get("repeat")), recomputes[0] if recomputes else None)
-        ok = base is not None and s.get("step_seconds")
-        t_rec = base["summary"]["step_seconds"] if ok else None
-        r_rec = base["summary"]["recompute_logp_seconds"] if ok else None
-        r["speedup"] = t_rec / s["step_seconds"] if ok else None
-        r["time_saved"] = 1 - s["step_seconds"] / t_rec if ok else None
-        r["kept"] = (t_rec - s["step_seconds"]) / r_rec if ok and r_rec else None
+        r.update(against(r["summary"], base["summary"] if base else None))
     return results
 
 

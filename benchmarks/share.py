@@ -116,18 +116,6 @@ def clip_ratio(run: dict) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _saved(run: dict, rec: dict) -> float | None:
-    """1 − T / T_rec against the recompute run ``rec`` of the same point and repetition."""
-    t, t_rec = run["summary"]["step_seconds"], rec["summary"]["step_seconds"]
-    return 1 - t / t_rec if t and t_rec else None
-
-
-def _kept(run: dict, rec: dict) -> float | None:
-    """(T_rec − T) / R_rec: the share of the recompute forward's time that the run saved."""
-    t, t_rec, r_rec = run["summary"]["step_seconds"], rec["summary"]["step_seconds"], rec["summary"]["recompute_logp_seconds"]
-    return (t_rec - t) / r_rec if t and t_rec and r_rec else None
-
-
 def summarize(results: dict[str, dict]) -> dict[str, dict]:
     """Per point: the recompute share, and per method the time saved, the kept share, the final reward.
 
@@ -152,8 +140,8 @@ def summarize(results: dict[str, dict]) -> dict[str, dict]:
                 step_seconds=_spread([r["summary"]["step_seconds"] for r in mine]),
                 train_step_seconds=_spread([r["summary"]["train_step_seconds"] for r in mine]),
                 seq_len=_spread([r["summary"].get("seq_len") for r in mine]),
-                time_saved=_spread([_saved(r, rec[r["repeat"]]) for r in paired]),
-                kept=_spread([_kept(r, rec[r["repeat"]]) for r in paired]),
+                time_saved=_spread([e2e.against(r["summary"], rec[r["repeat"]]["summary"])["time_saved"] for r in paired]),
+                kept=_spread([e2e.against(r["summary"], rec[r["repeat"]]["summary"])["kept"] for r in paired]),
                 # train_step (the update alone: no recompute forward in either) against the recompute run of the
                 # same repetition: what the method costs inside the update, and the run-to-run noise of the trainer
                 train_step_vs_recompute=_spread([r["summary"]["train_step_seconds"] / rec[r["repeat"]]["summary"]["train_step_seconds"] - 1
