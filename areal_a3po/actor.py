@@ -42,6 +42,7 @@ from areal_a3po.checkpoint import STATE_FILE, load_state, save_state
 from areal_a3po.fallback import FallbackState
 from areal_a3po.loss import AREAL_VERSIONS_KEY, _A3POUpdateEngine, _StepAudit, a3po_loss_fn
 from areal_a3po.ranks import is_rank_zero
+from areal_a3po.weight_sync import BoundedWeightSyncMixin
 
 logger = logging.getLogger("A3PO")
 
@@ -208,13 +209,15 @@ class A3POPPOActor(PPOActor):
         self.fallback.load_state_dict(state["fallback"])
 
 
-class A3POActorMixin:
+class A3POActorMixin(BoundedWeightSyncMixin):
     """Put before an AReaL PPO actor engine class to make its ``.actor`` an ``A3POPPOActor``.
 
     AReaL's actor engines build ``self.actor = PPOActor(config, self)`` in ``__init__``; we call
     through and replace it (``compute_logp``/``compute_advantages``/``ppo_update`` delegate to it).
     ``save``/``load`` add the actor's state (the fallback's mode) as ``STATE_FILE`` next to the
-    weights, written and read by rank 0 for every rank (``areal_a3po.checkpoint``).
+    weights, written and read by rank 0 for every rank (``areal_a3po.checkpoint``). The xccl
+    weight-update group forms within ``actor.weight_update_group_timeout`` or fails naming the
+    servers (``areal_a3po.weight_sync``), whatever ``prox_logp_method`` is.
     """
 
     def __init__(self, config: Any):

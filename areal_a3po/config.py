@@ -11,10 +11,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
-from areal.api.cli_args import GRPOConfig, PPOActorConfig, load_expr_config
+from areal.api.cli_args import GRPOConfig, InferenceEngineConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
+from areal_a3po.server_watch import DEFAULT_HEALTH_TIMEOUT, HEALTH_KEY
+from areal_a3po.weight_sync import DEFAULT_GROUP_TIMEOUT
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
@@ -30,6 +32,7 @@ class A3POConfigError(ValueError):
 
     def __init__(self, problems: list[str], what: str = "A-3PO configuration"):
         self.problems = list(problems)
+        self.what = what
         super().__init__(f"invalid {what}:\n  - " + "\n  - ".join(self.problems))
 
 
@@ -177,6 +180,14 @@ class A3POActorConfig(PPOActorConfig):
         default_factory=A3POConfig,
         metadata={"help": "A-3PO options; used when prox_logp_method is 'a3po'."},
     )
+    weight_update_group_timeout: float = field(
+        default=DEFAULT_GROUP_TIMEOUT,
+        metadata={
+            "help": "Seconds the xccl weight-update group may take to form (every inference server joining "
+            "the trainer's rendezvous), and each weight broadcast on it; past it the run stops with an error "
+            "naming the servers. AReaL 1.0.4 waits 7200 s. Any prox_logp_method; only weight_update_mode=xccl."
+        },
+    )
 
     @property
     def a3po_enabled(self) -> bool:
@@ -220,6 +231,12 @@ class A3POActorConfig(PPOActorConfig):
 
     def __post_init__(self):
         problems = self.a3po_problems()
+        timeout = self.weight_update_group_timeout
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
+            problems.append(
+                f"actor.weight_update_group_timeout={self.weight_update_group_timeout!r} must be a number of seconds "
+                f"> 0 (default {DEFAULT_GROUP_TIMEOUT:g}; AReaL's own wait is 7200)."
+            )
         if problems:
             raise A3POConfigError(problems)
         if self.prox_logp_method != A3PO and self.a3po != A3POConfig():
@@ -235,10 +252,37 @@ class A3POActorConfig(PPOActorConfig):
 
 
 @dataclass
+class A3POInferenceEngineConfig(InferenceEngineConfig):
+    """AReaL's ``InferenceEngineConfig`` (the ``rollout`` block) plus ``server_health_timeout``."""
+
+    server_health_timeout: float = field(
+        default=DEFAULT_HEALTH_TIMEOUT,
+        metadata={
+            "help": "Seconds an inference server may go without answering /health (refused, no answer, a 5xx) "
+            "during the run before the run stops with an error naming it (exit 1, every process stopped). "
+            "AReaL 1.0.4 does not notice a dead server: its trainer waits for rollouts for ever. 0 = no watch."
+        },
+    )
+
+    def __post_init__(self):
+        value = self.server_health_timeout
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise A3POConfigError(
+                [f"{HEALTH_KEY}={value!r} must be a number of seconds ≥ 0 (0 = no watch; default {DEFAULT_HEALTH_TIMEOUT:g})."],
+                what="experiment configuration",
+            )
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+@dataclass
 class A3POGRPOConfig(GRPOConfig):
-    """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po``."""
+    """AReaL's ``GRPOConfig`` whose ``actor`` understands ``prox_logp_method: a3po`` and whose ``rollout``
+    has ``server_health_timeout``."""
 
     actor: A3POActorConfig = field(default_factory=A3POActorConfig)
+    rollout: A3POInferenceEngineConfig = field(default_factory=A3POInferenceEngineConfig)
 
     def __post_init__(self):
         super().__post_init__()
@@ -260,7 +304,7 @@ def load_config(argv: list[str], config_cls: type = A3POGRPOConfig):
         while cause is not None and not isinstance(cause, A3POConfigError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            raise A3POConfigError(cause.problems) from None
+            raise A3POConfigError(cause.problems, what=cause.what) from None
         problem = _loading_problem(exc)
         if problem is None:
             raise

@@ -143,16 +143,21 @@ def _version(metadata, dist: str) -> str | None:
 
 
 def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.train") -> int:
-    """AReaL's trainer loop on ``job``; returns the exit status (0 done, 1 server did not come up).
+    """AReaL's trainer loop on ``job``; returns the exit status: 0 done; 1 when a server did not come up,
+    an xccl weight-update group did not form, a server stopped answering during the run
+    (``rollout.server_health_timeout``) or a worker died, each named in one line on stderr.
 
     Whatever happens (an error, Ctrl-C, SIGTERM), every process the run started is stopped before
     it returns: AReaL's workers and the inference server they launched, and the Ray head the run
     started itself (``scheduler.type: ray`` without ``RAY_ADDRESS``). After Ctrl-C/SIGTERM the
     process exits at once with 130/143.
     """
+    from areal_a3po.server_watch import InferenceServerLost
     from areal_a3po.trainer import A3POTrainer, ServerLaunchError
+    from areal_a3po.weight_sync import WeightSyncError
 
     trainer_cls = trainer_cls or A3POTrainer
+    trainer = None
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ray_started = _start_ray_head(job.config)
     interrupted = None
@@ -167,8 +172,14 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
     except ServerLaunchError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except WeightSyncError as exc:
+        print(f"{prog}: {exc} Every worker and the server have been stopped.", file=sys.stderr)
+        return 1
+    except InferenceServerLost as exc:
+        print(f"{prog}: {exc} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        lost = _lost_worker(exc)
+        lost = _lost_worker(exc) or _server_down(trainer, exc)
         if lost is None:
             raise
         print(f"{prog}: {lost} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
@@ -181,7 +192,7 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
             import ray
 
             ray.shutdown()
-        _stop_children()
+        _stop_children(getattr(trainer, "started_processes", ()))
         signal.signal(signal.SIGTERM, previous)
     if interrupted is not None:
         # Everything the run started is stopped. Leave now: at interpreter exit AReaL's
@@ -224,6 +235,18 @@ def _lost_worker(exc: BaseException) -> str | None:
     return f"{what} (AReaL worker {exc.worker_id!r}) stopped during the run; its log is in AReaL's log folder ({role}.log)."
 
 
+def _server_down(trainer, exc: BaseException) -> str | None:
+    """When the run failed while an inference server was not answering (checked before AReaL's close
+    stopped the servers: ``A3POTrainer.__exit__``), that is the cause; None otherwise."""
+    down = getattr(trainer, "server_down", None)
+    if not down:
+        return None
+    address, _, problem = down.partition(": ")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return (f"the inference server at {address} is not answering ({problem}); the run stopped at: {first}. "
+            "Its log is rollout.log in AReaL's log folder.")
+
+
 def _resume_hint(config) -> str:
     if config.recover.mode in ("on", "auto"):
         return f"Run the same command again to resume from the last recover checkpoint (recover.mode={config.recover.mode})."
@@ -250,15 +273,29 @@ def _start_ray_head(config) -> bool:
     return True
 
 
-def _stop_children() -> None:
-    """Stop every process this one started that is still running (SIGTERM, then SIGKILL).
+def _stop_children(started=()) -> None:
+    """Stop every process this one started that is still running (SIGTERM, then SIGKILL), and those of
+    ``started`` ((pid, create time), ``A3POTrainer.started_processes``) that left the process tree.
 
     AReaL stops its workers in ``PPOTrainer.close``; when the trainer's construction fails (a server
-    that does not come up, say) there is nothing to close and AReaL 1.0.4 leaves them running.
+    that does not come up, say) there is nothing to close and AReaL 1.0.4 leaves them running. A
+    process whose parent died (a vLLM server's engine core after its API process was killed) is
+    reparented to init and is no longer below this one.
     """
+    import psutil
     from areal.infra.utils.proc import kill_process_tree
 
     kill_process_tree(None, timeout=5, include_parent=False)
+    left = []
+    for pid, created in started:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                proc.kill()
+                left.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(left, timeout=5)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from areal.utils import logging
 from areal.utils.environ import is_single_controller
 
 from areal_a3po.config import A3PO, A3POActorConfig
+from areal_a3po.server_watch import ServerWatch, install_handler
+from areal_a3po.weight_sync import PREFIX, WeightSyncError, server_addresses
 
 logger = logging.getLogger("A3PO")
 
@@ -63,7 +65,43 @@ class A3POTrainer(PPOTrainer):
                     logger.warning("could not stop AReaL's workers after a failed start: %s", cleanup_error)
             if "launch_server" in str(exc):
                 raise ServerLaunchError(_server_launch_message(config, exc)) from exc
+            named = _weight_sync_message(exc, server_addresses(getattr(self, "rollout", None)))
+            if named is not None:
+                raise WeightSyncError(named) from exc
             raise
+        # Every process the run has started by now (workers, servers, the servers' engine processes),
+        # so that run() can stop those that leave the process tree: when a vLLM server's API process
+        # dies, its engine core and worker are reparented to init and live on (measured: each holding
+        # 1.2-2.3 GB half an hour later), where AReaL's teardown of the process tree cannot reach them.
+        self.started_processes = descendants()
+        self.server_watch = self._watch_servers(config)
+
+    def _watch_servers(self, config) -> ServerWatch | None:
+        """Start ``ServerWatch`` on the rollout's servers (and the evaluation rollout's), unless
+        ``rollout.server_health_timeout`` is 0 or no server address is known here."""
+        timeout = float(getattr(config.rollout, "server_health_timeout", 0) or 0)
+        addresses = [a for r in (self.rollout, getattr(self, "eval_rollout", None)) for a in (server_addresses(r) or [])]
+        if timeout <= 0 or not addresses:
+            return None
+        if install_handler():
+            return ServerWatch(addresses, timeout).start()
+        logger.warning("rollout.server_health_timeout: not in the main thread, so a lost server is logged, not raised")
+        return ServerWatch(addresses, timeout, on_lost=logger.error).start()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        # Before AReaL's close stops the servers: after an error, is a server not answering? (A server
+        # that dies while the trainer pushes weights to it fails the push before the watch's timeout.)
+        watch = getattr(self, "server_watch", None)
+        self.server_down = None
+        if exc_type is not None and issubclass(exc_type, Exception) and watch is not None and watch.lost is None:
+            self.server_down = watch.check()
+        return super().__exit__(exc_type, exc_value, traceback)
+
+    def close(self):
+        """AReaL's close, after the server watch has stopped (the servers are stopped on purpose now)."""
+        if getattr(self, "server_watch", None) is not None:
+            self.server_watch.stop()
+        super().close()
 
     def actor_engine_class(self, backend: str) -> type:
         """The actor engine class for ``backend`` (``ACTOR_ENGINES``); a subclass may pick its own."""
@@ -88,6 +126,34 @@ class A3POTrainer(PPOTrainer):
             actor = actor_cls(config=actor_config)
         actor.create_process_group(parallel_strategy=alloc.parallel)
         return actor
+
+
+def descendants() -> list[tuple[int, float]]:
+    """(pid, create time) of every process below this one."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            out.append((child.pid, child.create_time()))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _weight_sync_message(exc: BaseException, servers: list[str] | None) -> str | None:
+    """A trainer rank's ``WeightSyncError`` message, found in the error AReaL's RPC makes of it (its
+    text, ``weight_sync.PREFIX`` onwards), with the servers' addresses that only the controller knows;
+    None for any other error."""
+    while exc is not None:
+        text = str(exc)
+        if PREFIX in text:
+            message = text[text.index(PREFIX):].splitlines()[0].strip()
+            if servers and "the inference server(s) did not join" in message:
+                message = message.replace("the inference server(s)", f"the inference server(s) {', '.join(servers)}", 1)
+            return message
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _server_launch_message(config, exc: BaseException) -> str:

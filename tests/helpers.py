@@ -27,7 +27,7 @@ CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
 #: The run's entry point, as a user types it after ``python``.
 ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
-RUN_PROCESS_WORDS = ("areal", "vllm", "ray", "raylet", "gcs_server", "rpc_server")
+RUN_PROCESS_WORDS = ("areal", "vllm", "VLLM::", "ray", "raylet", "gcs_server", "rpc_server")
 #: How long the processes of a finished run may take to exit before they count as left behind.
 GRACE_SECONDS = 10
 #: PATH without the venv: the system's python3 there has no vLLM.

@@ -48,6 +48,8 @@ class Run:
     killed: bool = False
     rows: list[dict] = field(default_factory=list)
     cores: dict[str, list[int]] = field(default_factory=dict)
+    #: Seconds from the kill (``kill_when``) to the end of the run; None when nothing was killed.
+    ended_after_kill: float | None = None
 
     @property
     def output(self) -> str:
@@ -123,7 +125,7 @@ def launch(
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=progress[1], desc=progress[0], unit="step", leave=True) if progress else None
-    killed, cores = False, {}
+    killed, cores, killed_at = False, {}, None
     if kill_when is None and kill_after_step is not None:
         kill_when = lambda rows: any(r["global_step"] >= kill_after_step for r in rows)  # noqa: E731
     deadline = time.monotonic() + timeout if timeout else None
@@ -147,7 +149,7 @@ def launch(
                 if watch_cores and len(rows) >= 2 and not cores:
                     cores = thread_cores(proc.pid)
                 if not killed and kill_when is not None and kill_when(rows):
-                    killed = True
+                    killed, killed_at = True, time.monotonic()
                     if kill is None:
                         os.killpg(proc.pid, signal.SIGKILL)
                         break
@@ -158,13 +160,14 @@ def launch(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+    ended_after_kill = time.monotonic() - killed_at if killed_at is not None else None
     path = _stats_file(stats)
     rows = read_stats(path) if path else []
     if bar is not None:
         bar.set_description_str(f"{progress[0]} ({'done' if proc.returncode == 0 else f'exit {proc.returncode}'})")
         bar.update(len(rows) - bar.n)
         bar.close()
-    return Run(proc.returncode, log_file, path, killed=killed, rows=rows, cores=cores)
+    return Run(proc.returncode, log_file, path, killed=killed, rows=rows, cores=cores, ended_after_kill=ended_after_kill)
 
 
 def worker(role: str, index: int) -> Callable[[psutil.Process, int], bool]:
@@ -179,6 +182,12 @@ def worker(role: str, index: int) -> Callable[[psutil.Process, int], bool]:
 
 def _arg(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+def inference_server(proc: psutil.Process, root_pid: int) -> bool:
+    """Matches the run's vLLM server (AReaL's ``areal_vllm_server``, started by the rollout worker)."""
+    argv = proc.cmdline()
+    return any("areal_vllm_server" in a for a in argv) and "rpc_server" not in " ".join(argv)
 
 
 def controller(proc: psutil.Process, root_pid: int) -> bool:
