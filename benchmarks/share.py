@@ -227,7 +227,7 @@ def plot(points: dict[str, dict], results: dict[str, dict], path: str) -> None:
                         label=None if method in labelled else method)
             labelled.add(method)
         if shown:
-            low = min(p["methods"][m]["time_saved"]["min"] for m in shown)
+            low = max(min(p["methods"][m]["time_saved"]["min"] for m in shown), 0.02 * top)  # inside the axes
             ax.annotate(name, (s["median"], low), textcoords="offset points", xytext=(0, -10), fontsize=7, ha="center")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
