@@ -5,6 +5,10 @@ is false, which ``A3POActorConfig`` answers for a3po. What it cannot know is our
 single-controller mode the workers import the engine class by ``module.name``, so it must be the
 plugin's class (a patch in the driver would never reach them); in SPMD mode every rank runs this
 code and builds it directly.
+
+Once the run is up it also watches the inference servers (``areal_a3po.server_watch``,
+``rollout.server_health_timeout``) and records the processes it started, and a failed start names
+an xccl weight-update group that did not form (``areal_a3po.weight_sync``).
 """
 
 from __future__ import annotations
