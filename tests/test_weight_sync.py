@@ -76,25 +76,31 @@ def _xccl_meta():
     return WeightUpdateMeta.from_fsdp_xccl(gen_allocation=ModelAllocation.from_str("vllm:d1p1t1", name="rollout"))
 
 
-def test_a_server_that_never_joins_ends_the_group_within_the_timeout_naming_it(tiny_model, peer):
-    import areal.engine.fsdp_engine as fsdp_engine
-
+def _connect_fails(actor, peer: str, match: str) -> float:
+    """AReaL's ``connect_engine`` of ``actor`` to a vLLM client of ``peer`` over xccl must raise a
+    ``WeightSyncError`` matching ``match``; the seconds it took. Client and actor are destroyed after."""
     from areal_a3po.weight_sync import WeightSyncError
 
-    actor = make_actor(tiny_model, prox_logp_method="a3po", weight_update_group_timeout=2.0)
     client = _client(peer)
     try:
         start = time.monotonic()
-        with pytest.raises(WeightSyncError, match=(
-            rf"inference server\(s\) {peer} did not join the trainer's weight-update group at tcp://\S+:\d+ "
-            r"within actor\.weight_update_group_timeout=2 s \(Timed out .*1/2 clients joined.*raise "
-            r"actor\.weight_update_group_timeout; otherwise set actor\.weight_update_mode=disk"
-        )):
+        with pytest.raises(WeightSyncError, match=match):
             actor.connect_engine(client, _xccl_meta())
-        elapsed = time.monotonic() - start
+        return time.monotonic() - start
     finally:
         client.destroy()
         actor.destroy()
+
+
+def test_a_server_that_never_joins_ends_the_group_within_the_timeout_naming_it(tiny_model, peer):
+    import areal.engine.fsdp_engine as fsdp_engine
+
+    actor = make_actor(tiny_model, prox_logp_method="a3po", weight_update_group_timeout=2.0)
+    elapsed = _connect_fails(actor, peer, (
+        rf"inference server\(s\) {peer} did not join the trainer's weight-update group at tcp://\S+:\d+ "
+        r"within actor\.weight_update_group_timeout=2 s \(Timed out .*1/2 clients joined.*raise "
+        r"actor\.weight_update_group_timeout; otherwise set actor\.weight_update_mode=disk"
+    ))
     # torch reports "Timed out after 3 seconds" for a 2 s store timeout; AReaL's value is 7200 s.
     assert 2.0 <= elapsed < 15.0, elapsed
     assert "/areal_init_weights_update_group" in _PeerThatNeverJoins.requests  # the server was asked to join
@@ -106,26 +112,17 @@ def test_a_port_taken_before_the_trainer_binds_it_is_named(tiny_model, peer, mon
     # between. The race is forced here: AReaL's probe is made to return a port this test holds.
     import areal.engine.fsdp_engine as fsdp_engine
 
-    from areal_a3po.weight_sync import WeightSyncError
-
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))
         held.listen()
         port = held.getsockname()[1]
         monkeypatch.setattr(fsdp_engine, "find_free_ports", lambda n, *a, **k: [port])
         actor = make_actor(tiny_model, prox_logp_method="recompute", weight_update_group_timeout=30.0)
-        client = _client(peer)
-        try:
-            start = time.monotonic()
-            with pytest.raises(WeightSyncError, match=(
-                rf"could not open the weight-update group at tcp://\S+:{port}: the port was taken .*EADDRINUSE.*"
-                r"Run again .*or set actor\.weight_update_mode=disk"
-            )):
-                actor.connect_engine(client, _xccl_meta())
-            assert time.monotonic() - start < 10.0  # at once, not after the timeout
-        finally:
-            client.destroy()
-            actor.destroy()
+        elapsed = _connect_fails(actor, peer, (
+            rf"could not open the weight-update group at tcp://\S+:{port}: the port was taken .*EADDRINUSE.*"
+            r"Run again .*or set actor\.weight_update_mode=disk"
+        ))
+        assert elapsed < 10.0  # at once, not after the timeout
 
 
 def test_weight_update_group_timeout_is_validated_at_load():
