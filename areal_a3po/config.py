@@ -14,9 +14,14 @@ from dataclasses import dataclass, field, fields
 from areal.api.cli_args import GRPOConfig, InferenceEngineConfig, PPOActorConfig, load_expr_config
 
 from areal_a3po.audit import AUDIT_METRICS
+from areal_a3po.ports import use_private_port_stream
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
 from areal_a3po.server_watch import DEFAULT_HEALTH_TIMEOUT, HEALTH_KEY
 from areal_a3po.weight_sync import DEFAULT_GROUP_TIMEOUT
+
+# Every process that reads the experiment's config (the controller, each AReaL worker) imports this
+# module before it picks a port: from here on those ports differ between runs (areal_a3po.ports).
+use_private_port_stream()
 
 A3PO = "a3po"
 #: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,8 +150,9 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
 
     Whatever happens (an error, Ctrl-C, SIGTERM), every process the run started is stopped before
     it returns: AReaL's workers and the inference server they launched, and the Ray head the run
-    started itself (``scheduler.type: ray`` without ``RAY_ADDRESS``). After Ctrl-C/SIGTERM the
-    process exits at once with 130/143.
+    started itself (``scheduler.type: ray`` without ``RAY_ADDRESS``). A run that did not end well
+    does not return: once that is done the process exits at once, with 1 after an error (an error
+    the plugin does not name is printed as Python prints it) and 130/143 after Ctrl-C/SIGTERM.
     """
     from areal_a3po.server_watch import InferenceServerLost
     from areal_a3po.trainer import A3POTrainer, ServerLaunchError
@@ -160,7 +162,7 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
     trainer = None
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     ray_started = _start_ray_head(job.config)
-    interrupted = None
+    failed = None  # the exit status of a run that did not end well (see the end)
     try:
         with trainer_cls(job.config, train_dataset=job.train_dataset, valid_dataset=job.valid_dataset) as trainer:
             trainer.train(
@@ -171,21 +173,23 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
             )
     except ServerLaunchError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
+        failed = 1
     except WeightSyncError as exc:
         print(f"{prog}: {exc} Every worker and the server have been stopped.", file=sys.stderr)
-        return 1
+        failed = 1
     except InferenceServerLost as exc:
         print(f"{prog}: {exc} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
-        return 1
+        failed = 1
     except Exception as exc:
-        lost = _lost_worker(exc) or _server_down(trainer, exc)
+        lost = _lost_worker(exc) or _server_down(trainer, exc) or _data_service_late(exc, job.config)
         if lost is None:
-            raise
-        print(f"{prog}: {lost} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
-        return 1
+            traceback.print_exc()
+            print(f"{prog}: the run stopped on the error above; every worker and the server have been stopped.", file=sys.stderr)
+        else:
+            print(f"{prog}: {lost} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
+        failed = 1
     except (KeyboardInterrupt, SystemExit) as exc:
-        interrupted = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc.code, int) else 1)
+        failed = 130 if isinstance(exc, KeyboardInterrupt) else (exc.code if isinstance(exc.code, int) else 1)
         print(f"{prog}: interrupted; stopping the run's workers and server.", file=sys.stderr)
     finally:
         if ray_started:
@@ -194,13 +198,16 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
             ray.shutdown()
         _stop_children(getattr(trainer, "started_processes", ()))
         signal.signal(signal.SIGTERM, previous)
-    if interrupted is not None:
-        # Everything the run started is stopped. Leave now: at interpreter exit AReaL's
-        # LocalScheduler.__del__ would delete its (already stopped) workers again and start a
-        # thread during finalisation, which hangs the process (seen after a SIGTERM in teardown).
+    if failed is not None:
+        # Everything the run started is stopped. Leave now, not through the interpreter's exit, which
+        # joins every thread first: after a failure AReaL 1.0.4 can leave one that never ends. Seen:
+        # its LocalScheduler.__del__ deleting the (already stopped) workers again from a thread started
+        # during finalisation (after a SIGTERM in teardown), and its DataController's start-up thread
+        # polling, for ever, the health of a data worker that AReaL had already deleted after
+        # "Worker creation timed out" (the process hung after printing the traceback).
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(interrupted)
+        os._exit(failed)
     return 0
 
 
@@ -233,6 +240,18 @@ def _lost_worker(exc: BaseException) -> str | None:
     role, _, index = str(exc.worker_id).partition("/")
     what = {"actor": f"trainer rank {index}", "rollout": f"rollout worker {index} (and its inference server)"}.get(role, "a worker")
     return f"{what} (AReaL worker {exc.worker_id!r}) stopped during the run; its log is in AReaL's log folder ({role}.log)."
+
+
+def _data_service_late(exc: BaseException, config) -> str | None:
+    """AReaL's "Worker creation timed out" from its data service (the worker that loads the dataset),
+    in one line naming the key that bounds the wait (``A3POTrainer`` makes AReaL wait that long);
+    None for any other error."""
+    text = str(exc)
+    if not (isinstance(exc, TimeoutError) and text.startswith("Worker creation timed out")):
+        return None
+    return (f"AReaL's data service worker (it loads train_dataset) did not start within "
+            f"train_dataset.setup_timeout={config.train_dataset.setup_timeout:g} s ({text}). On a slow or busy "
+            "machine raise train_dataset.setup_timeout; its log is data-data.log in AReaL's log folder.")
 
 
 def _server_down(trainer, exc: BaseException) -> str | None:

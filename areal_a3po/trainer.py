@@ -8,11 +8,13 @@ code and builds it directly.
 
 Once the run is up it also watches the inference servers (``areal_a3po.server_watch``,
 ``rollout.server_health_timeout``) and records the processes it started, and a failed start names
-an xccl weight-update group that did not form (``areal_a3po.weight_sync``).
+an xccl weight-update group that did not form (``areal_a3po.weight_sync``). AReaL's data service
+waits ``train_dataset.setup_timeout`` for its worker to start, not a fixed 30 s (``data_service_wait``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -58,7 +60,8 @@ class A3POTrainer(PPOTrainer):
                 "load it with areal_a3po.load_config(argv) (or load_expr_config(argv, A3POGRPOConfig))."
             )
         try:
-            super().__init__(config, *args, **kwargs)
+            with data_service_wait(config.train_dataset.setup_timeout):
+                super().__init__(config, *args, **kwargs)
         except BaseException as exc:
             # AReaL 1.0.4 leaves the workers it has started running when its __init__ fails (there
             # is no trainer to close yet); stop them here.
@@ -130,6 +133,26 @@ class A3POTrainer(PPOTrainer):
             actor = actor_cls(config=actor_config)
         actor.create_process_group(parallel_strategy=alloc.parallel)
         return actor
+
+
+@contextlib.contextmanager
+def data_service_wait(seconds: float):
+    """Within the block, AReaL's ``DataController`` waits up to ``seconds`` (``train_dataset.setup_timeout``)
+    for the worker that loads the dataset to start, instead of its fixed 30 s.
+
+    AReaL 1.0.4 is wrong for us here: ``DataController.initialize`` waits a hard-coded 30 s
+    (``_WORKERS_READY_TIMEOUT``) for that worker, whatever ``train_dataset.setup_timeout`` (whose help is
+    about this data service) says. A fresh Python process that imports torch and AReaL took longer than
+    that on a busy 2-core machine ("Worker creation timed out after 30.0s"; the run stopped before its
+    first step). The class attribute is what ``initialize`` reads; it is restored on leaving."""
+    from areal.infra.data_service.controller.controller import DataController
+
+    before = DataController._WORKERS_READY_TIMEOUT
+    DataController._WORKERS_READY_TIMEOUT = float(seconds)
+    try:
+        yield
+    finally:
+        DataController._WORKERS_READY_TIMEOUT = before
 
 
 def descendants() -> list[tuple[int, float]]:

@@ -28,13 +28,18 @@ CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
 ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
 RUN_PROCESS_WORDS = ("areal", "vllm", "VLLM::", "ray", "raylet", "gcs_server", "rpc_server")
+#: The most seconds a real run (one leg) may take before it counts as hung and is killed (``launch``
+#: then says where it stood). A guard against a hang, not a speed check: the longest leg takes about
+#: 2.5 minutes on the 2-core machine alone, 7 with two busy loops beside the suite (a machine half as
+#: fast), and CI's machine ran a leg past the 480 s this used to be.
+RUN_TIMEOUT = 900
 #: How long the processes of a finished run may take to exit before they count as left behind.
 GRACE_SECONDS = 10
 #: PATH without the venv: the system's python3 there has no vLLM.
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 __all__ = [
-    "BARE_PATH", "CPU_TINY", "CPU_TINY_DP2", "ENTRY", "REPO", "Raised", "Run", "experiment_overrides", "no_orphans", "run_ranks", "stats_rows",
+    "BARE_PATH", "CPU_TINY", "CPU_TINY_DP2", "ENTRY", "REPO", "RUN_TIMEOUT", "Raised", "Run", "experiment_overrides", "no_orphans", "run_ranks", "stats_rows",
     "train", "user_env",
 ]
 
@@ -72,7 +77,7 @@ def train(
     kill_when=None,
     kill=None,
     kill_signal: int = 9,
-    timeout: float = 420,
+    timeout: float = RUN_TIMEOUT,
 ) -> Run:
     """Run ``config`` (``configs/cpu_tiny.yaml``) to the end, or SIGKILL its whole process group (or only
     the processes ``kill`` matches, e.g. ``launch.worker("actor", 1)``, with ``kill_signal``) once AReaL

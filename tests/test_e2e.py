@@ -200,8 +200,11 @@ def test_launch_times_out_and_leaves_nothing(tmp_path):
 
     from benchmarks.harness.launch import launch
 
-    with pytest.raises(TimeoutError, match=r"no result after 1 s; output in .*run\.log"):
-        launch([sys.executable, "-c", "import time; time.sleep(30)"], log_file=tmp_path / "run.log", stats=tmp_path / "none", timeout=1)
+    # The error says where the run stood (phase, steps) and ends with the run's last output lines.
+    with pytest.raises(TimeoutError, match=r"no result after 1 s \(starting AReaL's workers, 0 step\(s\) committed\); "
+                                           r"output in .*run\.log; its last lines:\n    \$ .*\n    still here$"):
+        launch([sys.executable, "-c", "import time; print('still here', flush=True); time.sleep(30)"], log_file=tmp_path / "run.log",
+               stats=tmp_path / "none", timeout=1)
     run = launch([sys.executable, "-c", "print('done')"], log_file=tmp_path / "ok.log", stats=tmp_path / "none")
     assert run.returncode == 0 and run.rows == [] and run.stats_file is None and "done" in run.output
 

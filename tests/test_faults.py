@@ -29,7 +29,7 @@ HEALTH_TIMEOUT = 15  # seconds; the default is 120
 def test_a_server_killed_mid_run_ends_the_run_naming_it_within_the_health_timeout(tmp_path):
     with no_orphans() as leftovers:
         run = train(tmp_path, "lost-server", "total_train_steps=6", f"+rollout.server_health_timeout={HEALTH_TIMEOUT}",
-                    kill_after_step=1, kill=inference_server, timeout=420)
+                    kill_after_step=1, kill=inference_server)
     assert run.killed and run.returncode == 1, run.tail()
     assert 1 in run.steps() and 5 not in run.steps(), run.steps()
     # Two ways it is found, both naming the server: the watch (no answer to /health for the timeout while

@@ -31,13 +31,14 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from helpers import CPU_TINY, CPU_TINY_DP2, ENTRY, REPO, experiment_overrides, no_orphans, train, user_env
+from helpers import CPU_TINY, CPU_TINY_DP2, ENTRY, REPO, RUN_TIMEOUT, experiment_overrides, no_orphans, train, user_env
 
 from benchmarks.harness.launch import controller, worker
 from benchmarks.harness.ranks import RANKS_FILE_ENV, read_ranks
@@ -82,11 +83,11 @@ def dp2_legs(tmp_path_factory):
     env = {RANKS_FILE_ENV: str(work / "ranks.jsonl"), "TORCHDYNAMO_DISABLE": "0"}
     with no_orphans() as killed_leftovers:
         first = train(work, "dp2", *A3PO_DP2_RUN, config=CPU_TINY_DP2, env=env, kill_when=_stale,
-                      kill=worker("actor", KILLED_RANK), timeout=480)
+                      kill=worker("actor", KILLED_RANK))
     switch = next((r["global_step"] for r in first.rows if _stale([r])), None)
     first_ranks = read_ranks(work / "ranks.jsonl")
     with no_orphans() as leftovers:
-        second = train(work, "dp2", *A3PO_DP2_RUN, config=CPU_TINY_DP2, env=env, timeout=480,
+        second = train(work, "dp2", *A3PO_DP2_RUN, config=CPU_TINY_DP2, env=env,
                        kill_when=lambda rows: switch is None or rows[-1]["global_step"] >= switch + 2,
                        kill=controller, kill_signal=signal.SIGTERM)
     return dict(work=work, first=first, second=second, switch=switch, first_ranks=first_ranks,
@@ -145,7 +146,7 @@ def user_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(work / "experiment.yaml"), *experiment_overrides(work, "user"),
            f"actor.path={model}", f"train_dataset.path={data}", "total_train_steps=2"]
     with no_orphans() as leftovers:
-        run = launch(cmd, log_file=work / "user.out", stats=work / "none", env=user_env(PYTHONUNBUFFERED="1"), timeout=420)
+        run = launch(cmd, log_file=work / "user.out", stats=work / "none", env=user_env(PYTHONUNBUFFERED="1"), timeout=RUN_TIMEOUT)
     return run, leftovers
 
 
@@ -157,6 +158,12 @@ def test_the_users_command_trains_their_experiment(user_run):
     assert "A-3PO: π_prox approximated without a forward pass" in out  # the plugin's actor, on AReaL's worker
     assert "ppo_actor/update/a3po/alpha" in out and "ppo_actor/update/a3po/staleness" in out  # AReaL's stats table
     assert "stats.jsonl" not in out and not list(run.log_file.parent.glob("fileroot/logs/*/*/user/stats.jsonl"))
+    # Its ports are its own (areal_a3po.ports): AReaL alone gives every run with seed 1 these, and a
+    # second such run started beside it would share its vLLM server's port (tests/test_ports.py).
+    assert re.search(r"Worker actor/0 started \(PID: \d+, GPUs: \[\], ports: \[\d+, \d+\]\)", out), run.tail()
+    assert "ports: [13413, 26594])" not in out
+    server = re.search(r"Starting vLLM server on http://\S+:(\d+)", out)
+    assert server and int(server[1]) != 32735, run.tail()
     assert not leftovers, leftovers
 
 
@@ -285,7 +292,7 @@ def test_no_process_outlives_its_run(dp2_legs):
 
 def test_server_that_does_not_come_up_fails_fast_with_the_fix_and_leaves_nothing(tmp_path):
     with no_orphans() as leftovers:
-        run = train(tmp_path, "timeout", "rollout.setup_timeout=3", "total_train_steps=1", timeout=180)
+        run = train(tmp_path, "timeout", "rollout.setup_timeout=3", "total_train_steps=1")
     assert run.returncode == 1, run.tail()
     assert "did not come up within rollout.setup_timeout=3 s" in run.output
     assert "raise rollout.setup_timeout" in run.output and "rollout.log" in run.output

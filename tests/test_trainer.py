@@ -215,3 +215,113 @@ def test_cpu_worker_extension_keeps_linear_weights_live():
     x = torch.full((2, 32), 0.5)
     assert torch.equal(layer.cpu_linear(x, layer.weight, None), torch.full((2, 16), 16.0))  # 32 x 0.5 x 1
     assert issubclass(ext.CPUWorkerExtension, __import__("areal.engine.vllm_ext.vllm_worker_extension", fromlist=["x"]).VLLMWorkerExtension)
+
+
+class _SlowScheduler:
+    """The scheduler's side of AReaL's data service, as on a busy machine: the data worker takes
+    ``delay`` seconds to start (then the stand-in stops the rest of the start-up)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def create_workers(self, job):
+        import time
+
+        time.sleep(self.delay)
+
+    def get_workers(self, role):
+        raise RuntimeError("stand-in scheduler: no worker")
+
+
+def test_areals_data_service_waits_as_long_as_the_plugin_says():
+    # AReaL 1.0.4's DataController.initialize waits a fixed 30 s for its worker; within
+    # data_service_wait(s) it waits s. Here s = 0.2 against a worker that takes 1 s: AReaL's own
+    # error after 0.2 s (without the plugin's wait: after 30 s), and 30 s again afterwards.
+    import time
+
+    from areal.infra.data_service import DataController
+    from areal.infra.data_service.controller.config import DataServiceConfig
+
+    from areal_a3po.trainer import data_service_wait
+
+    assert DataController._WORKERS_READY_TIMEOUT == 30.0
+    with data_service_wait(0.2):
+        controller = DataController(DataServiceConfig(), _SlowScheduler(delay=1.0))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"^Worker creation timed out after 0\.2s$"):
+            controller.initialize(role="data")
+        assert time.monotonic() - start < 0.9
+    assert DataController._WORKERS_READY_TIMEOUT == 30.0
+    with data_service_wait(77):
+        assert DataController._WORKERS_READY_TIMEOUT == 77.0
+
+
+class _SeenAtActorCreation(Exception):
+    pass
+
+
+def test_trainer_runs_areals_start_up_with_train_dataset_setup_timeout(tiny_model, tmp_path):
+    # AReaL's PPOTrainer.__init__, for real, up to the actor's creation (the step before its data
+    # service starts): the wait it would use is train_dataset.setup_timeout, and 30 s again after
+    # the start-up failed.
+    from areal.infra.data_service import DataController
+
+    from areal_a3po.config import load_config
+
+    from benchmarks.harness.train import SyntheticGRPOConfig
+    from helpers import CPU_TINY
+
+    class Probe(A3POTrainer):
+        def _create_train_engine(self, actor_config, alloc):
+            raise _SeenAtActorCreation(DataController._WORKERS_READY_TIMEOUT)
+
+    config, _ = load_config(["--config", str(CPU_TINY), f"actor.path={tiny_model}", f"cluster.fileroot={tmp_path}",
+                             "+train_dataset.setup_timeout=77"], SyntheticGRPOConfig)
+    with pytest.raises(_SeenAtActorCreation) as seen:
+        Probe(config, train_dataset=[{"prompt": "1"}])
+    assert seen.value.args == (77.0,)
+    assert DataController._WORKERS_READY_TIMEOUT == 30.0
+
+
+_STUCK_THREAD_RUN = """
+import sys, threading
+from areal_a3po import train
+from areal_a3po.config import load_config
+from benchmarks.harness.train import SyntheticGRPOConfig
+
+class Trainer:
+    # What AReaL 1.0.4's trainer did after "Worker creation timed out": a thread (not a daemon) left
+    # waiting for ever, then the error.
+    def __init__(self, config, **kwargs):
+        threading.Thread(target=threading.Event().wait, name="stuck").start()
+        raise {error}
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+
+config, _ = load_config(["--config", sys.argv[1], "+rollout.server_health_timeout=0"], SyntheticGRPOConfig)
+sys.exit(train.run(train.Inputs(config, train_dataset=[]), Trainer, prog="probe"))
+"""
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("RuntimeError('something AReaL raised')", r"Traceback \(most recent call last\):(.|\n)*RuntimeError: something AReaL raised\n"
+     r"probe: the run stopped on the error above; every worker and the server have been stopped\.\n"),
+    ("TimeoutError('Worker creation timed out after 120.0s')",
+     r"(^|\n)probe: AReaL's data service worker \(it loads train_dataset\) did not start within train_dataset\.setup_timeout=120 s "
+     r"\(Worker creation timed out after 120\.0s\)\. On a slow or busy machine raise train_dataset\.setup_timeout; .*data-data\.log"),
+])
+def test_a_failed_run_exits_1_although_areal_left_a_thread_waiting(error, expected):
+    # Before the fix the process printed the error and then waited for ever at the interpreter's exit,
+    # which joins every thread (seen: AReaL's data service start-up thread after its 30 s timeout).
+    import re
+    import subprocess
+
+    from helpers import CPU_TINY, REPO, user_env
+
+    code = _STUCK_THREAD_RUN.format(error=error)
+    out = subprocess.run([sys.executable, "-c", code, str(CPU_TINY)], cwd=REPO, env=user_env(PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert re.search(expected, out.stderr), out.stderr[-2000:]

@@ -136,10 +136,10 @@ def launch(
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while proc.poll() is None:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{' '.join(command[:4])}...: no result after {timeout:.0f} s; output in {log_file}")
                 path = _stats_file(stats)
                 rows = read_stats(path) if path else []
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(_timeout_report(command, timeout, log_file, phase.poll(len(rows)), rows, killed_at))
                 if bar is not None:
                     desc = f"{progress[0]} ({phase.poll(len(rows))})"
                     if desc != bar.desc:
@@ -168,6 +168,18 @@ def launch(
         bar.update(len(rows) - bar.n)
         bar.close()
     return Run(proc.returncode, log_file, path, killed=killed, rows=rows, cores=cores, ended_after_kill=ended_after_kill)
+
+
+def _timeout_report(command: list[str], timeout: float, log_file: Path, phase: str, rows: list[dict],
+                    killed_at: float | None, lines: int = 25) -> str:
+    """What a run that did not end in time was doing: its phase, the steps it committed, how long ago
+    it was signalled, and the end of its output (a CI log then says where it stood)."""
+    where = f"{phase}, {len(rows)} step(s) committed"
+    if killed_at is not None:
+        where += f", signalled {time.monotonic() - killed_at:.0f} s ago and still running"
+    tail = log_file.read_text(errors="replace").splitlines()[-lines:]
+    return (f"{' '.join(command[:4])}...: no result after {timeout:.0f} s ({where}); output in {log_file}; "
+            "its last lines:\n" + "\n".join(f"    {line[:200]}" for line in tail))
 
 
 def worker(role: str, index: int) -> Callable[[psutil.Process, int], bool]:
