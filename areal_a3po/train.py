@@ -181,7 +181,8 @@ def run(job: Inputs, trainer_cls: type | None = None, prog: str = "areal_a3po.tr
         print(f"{prog}: {exc} Every worker and the server have been stopped. {_resume_hint(job.config)}", file=sys.stderr)
         failed = 1
     except Exception as exc:
-        lost = _lost_worker(exc) or _server_down(trainer, exc) or _data_service_late(exc, job.config)
+        lost = (_lost_worker(exc) or _lost_worker(getattr(trainer, "worker_lost", None)) or _server_down(trainer, exc)
+                or _data_service_late(exc, job.config))
         if lost is None:
             traceback.print_exc()
             print(f"{prog}: the run stopped on the error above; every worker and the server have been stopped.", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import time
 
 from areal.api.cli_args import PPOActorConfig
 from areal.trainer import PPOTrainer
@@ -99,9 +100,16 @@ class A3POTrainer(PPOTrainer):
         # Before AReaL's close stops the servers: after an error, is a server not answering? (A server
         # that dies while the trainer pushes weights to it fails the push before the watch's timeout.)
         watch = getattr(self, "server_watch", None)
-        self.server_down = None
-        if exc_type is not None and issubclass(exc_type, Exception) and watch is not None and watch.lost is None:
-            self.server_down = watch.check()
+        self.server_down = self.worker_lost = None
+        if exc_type is not None and issubclass(exc_type, Exception):
+            # And is a worker dead? When a trainer rank dies mid-step, the error that reaches here
+            # first can be another rank's ("Connection closed by peer" from gloo, in AReaL's
+            # EngineCallError) rather than AReaL's WorkerFailedError naming the dead one (seen in one
+            # of four runs of the two-rank pipeline test).
+            if not _caused_by(exc_value, "WorkerFailedError"):
+                self.worker_lost = dead_worker(getattr(self, "scheduler", None))
+            if watch is not None and watch.lost is None:
+                self.server_down = watch.check()
         return super().__exit__(exc_type, exc_value, traceback)
 
     def close(self):
@@ -153,6 +161,37 @@ def data_service_wait(seconds: float):
         yield
     finally:
         DataController._WORKERS_READY_TIMEOUT = before
+
+
+def _caused_by(exc: BaseException | None, name: str) -> bool:
+    while exc is not None:
+        if type(exc).__name__ == name:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def dead_worker(scheduler, wait: float = 3.0, interval: float = 0.25) -> BaseException | None:
+    """AReaL's ``WorkerFailedError`` for the first of ``scheduler``'s workers whose process has ended,
+    checking for up to ``wait`` seconds (a killed worker's shell takes a moment to exit); None when all
+    are alive, or for a scheduler that cannot tell (AReaL's local scheduler can: its
+    ``_check_worker_health(role)`` is what its own calls run before each attempt)."""
+    from areal.infra.scheduler.exceptions import WorkerFailedError
+
+    check = getattr(scheduler, "_check_worker_health", None)
+    roles = list(getattr(scheduler, "_workers", None) or ())
+    if check is None or not roles:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        for role in roles:
+            try:
+                check(role)
+            except WorkerFailedError as exc:
+                return exc
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
 
 
 def descendants() -> list[tuple[int, float]]:

@@ -90,20 +90,27 @@ def train(
                   kill_signal=kill_signal, timeout=timeout)
 
 
-def _started_here(proc: psutil.Process, existing: set[int], me: int) -> bool:
-    """Whether ``proc`` descends from this process, or from nothing that was running before (an
-    orphan, reparented to PID 1): not from another process tree on the machine (another test run)."""
-    for parent in proc.parents():  # nearest first
-        if parent.pid == me:
+#: The variable ``no_orphans`` sets for the block: every process a run in it starts inherits it (AReaL's
+#: workers, the server, its engine processes, Ray's), so they are told apart from another test's run.
+TREE_VARIABLE = "A3PO_TEST_TREE"
+
+
+def _belongs(proc: psutil.Process, tag: str, me: int) -> bool:
+    """Whether ``proc`` was started in the ``no_orphans`` block tagged ``tag``: it carries the tag in
+    its environment (also once its parent has died and it was reparented to init), or descends from
+    this process. Not a process of a run that another test (another xdist worker) started meanwhile,
+    even one that its teardown has just orphaned."""
+    try:
+        if proc.environ().get(TREE_VARIABLE) == tag:
             return True
-        if parent.pid in existing and parent.pid != 1:
-            return False
-    return True
+    except psutil.AccessDenied:
+        pass
+    return any(parent.pid == me for parent in proc.parents())
 
 
-def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
+def run_processes(since: float, exclude: set[int], tag: str) -> list[psutil.Process]:
     """Live processes created after ``since`` (not in ``exclude``) that belong to an experiment
-    started by this process."""
+    started in the ``no_orphans`` block tagged ``tag``."""
     me = os.getpid()
     found = []
     for p in psutil.process_iter(["pid", "create_time", "cmdline", "status"]):
@@ -114,7 +121,7 @@ def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
             continue
         cmdline = " ".join(info["cmdline"] or [])
         try:
-            if any(word in cmdline for word in RUN_PROCESS_WORDS) and _started_here(p, exclude, me):
+            if any(word in cmdline for word in RUN_PROCESS_WORDS) and _belongs(p, tag, me):
                 found.append(p)
         except psutil.NoSuchProcess:
             continue
@@ -123,16 +130,24 @@ def run_processes(since: float, exclude: set[int]) -> list[psutil.Process]:
 
 @contextlib.contextmanager
 def no_orphans():
-    """Yield a list that, on exit, holds the experiment processes still alive after the block (which
-    are then killed, so a failing test leaves nothing behind either). Assert it is empty."""
+    """Yield a list that, on exit, holds the experiment processes started in the block that are still
+    alive after it (which are then killed, so a failing test leaves nothing behind either). Assert it
+    is empty. The processes are found by a variable they inherit (``TREE_VARIABLE``)."""
     since = time.time() - 1
     before = {p.pid for p in psutil.process_iter()}
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    previous = os.environ.get(TREE_VARIABLE)
+    os.environ[TREE_VARIABLE] = tag
     leftovers: list[str] = []
     try:
         yield leftovers
     finally:
+        if previous is None:
+            os.environ.pop(TREE_VARIABLE, None)
+        else:
+            os.environ[TREE_VARIABLE] = previous
         deadline = time.monotonic() + GRACE_SECONDS  # SIGTERM'd processes (Ray's workers) take a moment to exit
-        while (alive := run_processes(since, before)) and time.monotonic() < deadline:
+        while (alive := run_processes(since, before, tag)) and time.monotonic() < deadline:
             time.sleep(0.5)
         leftovers.extend(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:160]}" for p in alive)
         for p in alive:

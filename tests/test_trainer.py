@@ -325,3 +325,42 @@ def test_a_failed_run_exits_1_although_areal_left_a_thread_waiting(error, expect
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
     assert re.search(expected, out.stderr), out.stderr[-2000:]
+
+
+def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
+    # AReaL's local scheduler with two "trainer ranks" started the way it starts workers (its
+    # run_with_streaming_logs: a bash pipeline around the command, here `sleep`), registered as its
+    # create_workers registers them. Rank 1's command is SIGKILLed, as the pipeline test kills the
+    # rank's rpc_server: its shell exits a moment later and AReaL's own check names the worker.
+    import signal
+    import time
+
+    import psutil
+    from areal.api.scheduler_api import Worker
+    from areal.infra.scheduler.local import LocalScheduler, WorkerInfo
+    from areal.infra.utils.proc import run_with_streaming_logs
+
+    from areal_a3po.trainer import dead_worker
+
+    (tmp_path / "names").mkdir()
+    scheduler = LocalScheduler(gpu_devices=[0], log_dir=str(tmp_path), nfs_record_root=str(tmp_path / "names"))
+    infos = []
+    for rank in range(2):
+        process = run_with_streaming_logs(["sleep", "60"], tmp_path / f"actor{rank}.log", tmp_path / "merged.log", "actor")
+        infos.append(WorkerInfo(worker=Worker(id=f"actor/{rank}", ip="127.0.0.1", worker_ports=["1"], engine_ports=[]),
+                                process=process, role="actor", gpu_devices=[], created_at=time.time(),
+                                log_file=str(tmp_path / f"actor{rank}.log")))
+    scheduler._workers["actor"] = infos
+    try:
+        assert dead_worker(scheduler, wait=0.5) is None
+        sleeper = next(p for p in psutil.Process(infos[1].process.pid).children(recursive=True) if p.name() == "sleep")
+        sleeper.send_signal(signal.SIGKILL)
+        lost = dead_worker(scheduler, wait=10)
+        assert type(lost).__name__ == "WorkerFailedError" and lost.worker_id == "actor/1"
+        assert dead_worker(object()) is None  # a scheduler that cannot tell (Ray's)
+    finally:
+        for info in infos:
+            if info.process.poll() is None:
+                for proc in [*psutil.Process(info.process.pid).children(recursive=True), psutil.Process(info.process.pid)]:
+                    proc.kill()
+            info.process.wait()
