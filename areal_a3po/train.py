@@ -244,15 +244,23 @@ def _lost_worker(exc: BaseException) -> str | None:
 
 
 def _data_service_late(exc: BaseException, config) -> str | None:
-    """AReaL's "Worker creation timed out" from its data service (the worker that loads the dataset),
-    in one line naming the key that bounds the wait (``A3POTrainer`` makes AReaL wait that long);
-    None for any other error."""
-    text = str(exc)
-    if not (isinstance(exc, TimeoutError) and text.startswith("Worker creation timed out")):
+    """AReaL's data service (the workers that load the dataset) not up in time, in one line naming the
+    key that bounds the wait; None for any other error. Two ways: "Worker creation timed out" (its
+    first worker; ``A3POTrainer`` makes AReaL wait ``train_dataset.setup_timeout`` there), and a bare
+    ``TimeoutError()`` from its ``_ensure_initialized`` (the forked data worker, router and gateway;
+    seen on a busy 2-core machine, where they took two minutes to start)."""
+    if not isinstance(exc, TimeoutError):
         return None
-    return (f"AReaL's data service worker (it loads train_dataset) did not start within "
-            f"train_dataset.setup_timeout={config.train_dataset.setup_timeout:g} s ({text}). On a slow or busy "
-            "machine raise train_dataset.setup_timeout; its log is data-data.log in AReaL's log folder.")
+    text = str(exc)
+    if text.startswith("Worker creation timed out"):
+        what = f"AReaL's data service worker (it loads train_dataset) did not start ({text})"
+    elif any(frame.f_code.co_name == "_ensure_initialized" and "data_service" in frame.f_globals.get("__name__", "")
+             for frame, _ in traceback.walk_tb(exc.__traceback__)):
+        what = "AReaL's data service (the workers that load train_dataset) did not finish starting"
+    else:
+        return None
+    return (f"{what} within train_dataset.setup_timeout={config.train_dataset.setup_timeout:g} s. On a slow or busy "
+            "machine raise train_dataset.setup_timeout; the data service's logs are data-*.log in AReaL's log folder.")
 
 
 def _server_down(trainer, exc: BaseException) -> str | None:

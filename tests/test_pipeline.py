@@ -144,7 +144,10 @@ def user_run(tmp_path_factory):
     del experiment["synthetic"]
     OmegaConf.save(experiment, work / "experiment.yaml")
     cmd = [sys.executable, "-m", "areal_a3po.train", "--config", str(work / "experiment.yaml"), *experiment_overrides(work, "user"),
-           f"actor.path={model}", f"train_dataset.path={data}", "total_train_steps=2"]
+           f"actor.path={model}", f"train_dataset.path={data}", "total_train_steps=2",
+           # AReaL's data service (workers forked for the dataset) once took 2 minutes to start with the
+           # other xdist worker's tests and a busy loop beside it; AReaL's default wait is 120 s.
+           "+train_dataset.setup_timeout=600"]
     with no_orphans() as leftovers:
         run = launch(cmd, log_file=work / "user.out", stats=work / "none", env=user_env(PYTHONUNBUFFERED="1"), timeout=RUN_TIMEOUT)
     return run, leftovers

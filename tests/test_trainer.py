@@ -289,6 +289,14 @@ from areal_a3po import train
 from areal_a3po.config import load_config
 from benchmarks.harness.train import SyntheticGRPOConfig
 
+def data_service_never_ready():
+    import concurrent.futures
+    from areal.infra.data_service import DataController
+    from areal.infra.data_service.controller.config import DataServiceConfig
+    controller = DataController(DataServiceConfig(setup_timeout=0.1), scheduler=None)
+    controller._init_future = concurrent.futures.Future()  # its start-up, still running
+    controller._ensure_initialized()
+
 class Trainer:
     # What AReaL 1.0.4's trainer did after "Worker creation timed out": a thread (not a daemon) left
     # waiting for ever, then the error.
@@ -309,8 +317,13 @@ sys.exit(train.run(train.Inputs(config, train_dataset=[]), Trainer, prog="probe"
     ("RuntimeError('something AReaL raised')", r"Traceback \(most recent call last\):(.|\n)*RuntimeError: something AReaL raised\n"
      r"probe: the run stopped on the error above; every worker and the server have been stopped\.\n"),
     ("TimeoutError('Worker creation timed out after 120.0s')",
-     r"(^|\n)probe: AReaL's data service worker \(it loads train_dataset\) did not start within train_dataset\.setup_timeout=120 s "
-     r"\(Worker creation timed out after 120\.0s\)\. On a slow or busy machine raise train_dataset\.setup_timeout; .*data-data\.log"),
+     r"(^|\n)probe: AReaL's data service worker \(it loads train_dataset\) did not start \(Worker creation timed out after "
+     r"120\.0s\) within train_dataset\.setup_timeout=120 s\. On a slow or busy machine raise train_dataset\.setup_timeout; "
+     r".*data-\*\.log"),
+    # AReaL's own wait for the rest of its data service, run for real with a future that never ends.
+    ("data_service_never_ready()",
+     r"(^|\n)probe: AReaL's data service \(the workers that load train_dataset\) did not finish starting within "
+     r"train_dataset\.setup_timeout=120 s\. On a slow or busy machine raise train_dataset\.setup_timeout; .*data-\*\.log"),
 ])
 def test_a_failed_run_exits_1_although_areal_left_a_thread_waiting(error, expected):
     # Before the fix the process printed the error and then waited for ever at the interpreter's exit,
