@@ -14,11 +14,13 @@ The steps, each usable on its own (``benchmarks/harness/train.py`` swaps in its 
   server runs on);
 - ``inputs(config)``: the datasets and the workflow's arguments (``Inputs``);
 - ``run(inputs)``: AReaL's trainer loop; whatever happens (an error, Ctrl-C, SIGTERM) every process
-  the run started is stopped before it returns, and the exit status is the result.
+  the run started is stopped; it returns 0, and after a failure the process exits with its status
+  at once (AReaL can leave a thread behind that would hold the interpreter's exit).
 
 A bad config or a failed preflight prints the named problems and exits with status 2, without a
-traceback; a server that does not come up, or a worker that dies during the run (a trainer rank
-killed, say: the message names it), exits with 1.
+traceback; a server that does not come up or stops answering, a worker that dies during the run (a
+trainer rank killed, say: the message names it), or AReaL's data service not up within
+``train_dataset.setup_timeout`` exits with 1.
 """
 
 from __future__ import annotations
