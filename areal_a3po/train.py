@@ -236,8 +236,9 @@ def _lost_worker(exc: BaseException) -> str | None:
     shell around the worker, which is 0 even when the worker was killed, so the code is not repeated."""
     from areal.infra.scheduler.exceptions import WorkerFailedError
 
-    while exc is not None and not isinstance(exc, WorkerFailedError):
-        exc = exc.__cause__ or exc.__context__
+    from areal_a3po.trainer import find_cause
+
+    exc = find_cause(exc, WorkerFailedError)
     if exc is None:
         return None
     role, _, index = str(exc.worker_id).partition("/")

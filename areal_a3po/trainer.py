@@ -106,7 +106,9 @@ class A3POTrainer(PPOTrainer):
             # first can be another rank's ("Connection closed by peer" from gloo, in AReaL's
             # EngineCallError) rather than AReaL's WorkerFailedError naming the dead one (seen in one
             # of four runs of the two-rank pipeline test).
-            if not _caused_by(exc_value, "WorkerFailedError"):
+            from areal.infra.scheduler.exceptions import WorkerFailedError
+
+            if find_cause(exc_value, WorkerFailedError) is None:
                 self.worker_lost = dead_worker(getattr(self, "scheduler", None))
             if watch is not None and watch.lost is None:
                 self.server_down = watch.check()
@@ -163,12 +165,11 @@ def data_service_wait(seconds: float):
         DataController._WORKERS_READY_TIMEOUT = before
 
 
-def _caused_by(exc: BaseException | None, name: str) -> bool:
-    while exc is not None:
-        if type(exc).__name__ == name:
-            return True
+def find_cause(exc: BaseException | None, cls: type) -> BaseException | None:
+    """The first error of type ``cls`` in ``exc``'s chain (``exc``, its cause or context, …); None."""
+    while exc is not None and not isinstance(exc, cls):
         exc = exc.__cause__ or exc.__context__
-    return False
+    return exc
 
 
 def dead_worker(scheduler, wait: float = 3.0, interval: float = 0.25) -> BaseException | None:
