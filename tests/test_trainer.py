@@ -1,5 +1,6 @@
 """A3POTrainer builds the plugin's actor, in SPMD mode and for AReaL's single-controller workers."""
 
+import contextlib
 import importlib
 import os
 import sys
@@ -366,14 +367,40 @@ def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
     scheduler._workers["actor"] = infos
     try:
         assert dead_worker(scheduler, wait=0.5) is None
-        sleeper = next(p for p in psutil.Process(infos[1].process.pid).children(recursive=True) if p.name() == "sleep")
+        sleeper = _child_named(infos[1].process.pid, "sleep")
         sleeper.send_signal(signal.SIGKILL)
         lost = dead_worker(scheduler, wait=10)
         assert type(lost).__name__ == "WorkerFailedError" and lost.worker_id == "actor/1"
         assert dead_worker(object()) is None  # a scheduler that cannot tell (Ray's)
     finally:
         for info in infos:
-            if info.process.poll() is None:
-                for proc in [*psutil.Process(info.process.pid).children(recursive=True), psutil.Process(info.process.pid)]:
-                    proc.kill()
+            _kill_tree(info.process.pid)
             info.process.wait()
+
+
+def _child_named(pid: int, name: str, timeout: float = 10.0):
+    """The process called ``name`` below ``pid``, waiting for the shell to have started it."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.name() == name:
+                    return child
+        assert time.monotonic() < deadline, f"no {name!r} below {pid} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it. One that exits by itself meanwhile (the pipeline's
+    ``tee`` once its shell is gone: CI saw this race) is not an error."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
