@@ -183,3 +183,37 @@ def test_gpu_phases_runs_its_cuda_path_on_cpu(tmp_path):
     r, t = res["median_seconds"]["recompute"], res["median_seconds"]["train"]
     assert res["recompute_share"] == pytest.approx(r / (r + t))
     assert json.loads((tmp_path / "g.json").read_text())["seqs"] == 2
+
+
+def test_contention_times_the_trainer_with_the_other_core_idle_and_decoding(tmp_path, capsys):
+    import multiprocessing
+    import os
+
+    from benchmarks import contention
+
+    before = os.sched_getaffinity(0)
+    out = contention.main(["--shapes", "toy", "--rounds", "2", "--steps", "2", "--seqs", "4", "--seq-len", "8",
+                           "--json", str(tmp_path / "c.json")])
+    (result,) = out
+    assert result["steps_each"] == 4 and result["shape"] == "toy"  # 2 rounds x 2 steps in each state
+    assert result["ratio"] == pytest.approx(result["loaded_seconds"] / result["idle_seconds"])
+    assert result["idle_range"][0] <= result["idle_seconds"] <= result["idle_range"][1]
+    assert json.loads((tmp_path / "c.json").read_text()) == out
+    assert "loaded / idle" in capsys.readouterr().out
+    # the decoding process is gone and this process's cores are what they were
+    assert not multiprocessing.active_children() and os.sched_getaffinity(0) == before
+
+
+def test_contention_needs_both_cores(capsys):
+    import os
+
+    from benchmarks import contention
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    try:
+        with pytest.raises(SystemExit):
+            contention.main(["--shapes", "toy"])
+    finally:
+        os.sched_setaffinity(0, before)
+    assert "needs cores 0 and 1; this process may use [0]" in capsys.readouterr().err
