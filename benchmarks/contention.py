@@ -31,7 +31,7 @@ DECODE_TOKENS = 24  # the wide and mid points' gconfig.max_new_tokens
 PROMPT_TOKENS = 6
 
 
-def _decode_load(path: str, seqs: int, on, stop) -> None:
+def _decode_load(path: str, seqs: int, ready, on, stop) -> None:
     """Core 0: decode ``seqs`` sequences with a KV cache, over and over, while ``on`` is set."""
     import torch
     from transformers import Qwen2ForCausalLM
@@ -40,6 +40,7 @@ def _decode_load(path: str, seqs: int, on, stop) -> None:
     torch.set_num_threads(1)
     model = Qwen2ForCausalLM.from_pretrained(path).eval()
     vocab = model.config.vocab_size
+    ready.set()
     with torch.no_grad():
         while not stop.is_set():
             if not on.wait(timeout=0.05):
@@ -60,10 +61,12 @@ def measure(shape: str, *, rounds: int, steps: int, seqs: int, seq_len: int) -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
-    on, stop = ctx.Event(), ctx.Event()
-    load = ctx.Process(target=_decode_load, args=(path, seqs, on, stop), daemon=True)
+    ready, on, stop = ctx.Event(), ctx.Event(), ctx.Event()
+    load = ctx.Process(target=_decode_load, args=(path, seqs, ready, on, stop), daemon=True)
     load.start()
     try:
+        if not ready.wait(timeout=300):  # its imports and model load would disturb the first idle steps
+            raise RuntimeError("the decoding process did not load its model within 300 s")
         torch.manual_seed(0)
         model = Qwen2ForCausalLM.from_pretrained(path)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)

