@@ -349,10 +349,9 @@ def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
     import signal
     import time
 
-    import psutil
     from areal.api.scheduler_api import Worker
     from areal.infra.scheduler.local import LocalScheduler, WorkerInfo
-    from areal.infra.utils.proc import run_with_streaming_logs
+    from areal.infra.utils.proc import kill_process_tree, run_with_streaming_logs
 
     from areal_a3po.trainer import dead_worker
 
@@ -374,7 +373,9 @@ def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
         assert dead_worker(object()) is None  # a scheduler that cannot tell (Ray's)
     finally:
         for info in infos:
-            _kill_tree(info.process.pid)
+            # AReaL's own tree kill: a process that exits by itself meanwhile (the pipeline's `tee` once
+            # its shell is gone, a race CI saw) is not an error there.
+            kill_process_tree(info.process.pid, graceful=False)
             info.process.wait()
 
 
@@ -392,15 +393,3 @@ def _child_named(pid: int, name: str, timeout: float = 10.0):
                     return child
         assert time.monotonic() < deadline, f"no {name!r} below {pid} after {timeout} s"
         time.sleep(0.05)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and everything below it. One that exits by itself meanwhile (the pipeline's
-    ``tee`` once its shell is gone: CI saw this race) is not an error."""
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root = psutil.Process(pid)
-        for proc in [*root.children(recursive=True), root]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
