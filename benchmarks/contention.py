@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -101,6 +102,7 @@ def measure(shape: str, *, rounds: int, steps: int, seqs: int, seq_len: int) -> 
             load.join()
         torch.set_num_threads(threads)
         os.sched_setaffinity(0, previous)
+        shutil.rmtree(path, ignore_errors=True)
     idle, loaded = statistics.median(times["idle"]), statistics.median(times["loaded"])
     return dict(shape=shape, idle_seconds=idle, loaded_seconds=loaded, ratio=loaded / idle,
                 idle_range=[min(times["idle"]), max(times["idle"])], loaded_range=[min(times["loaded"]), max(times["loaded"])],
