@@ -38,7 +38,7 @@ from areal.trainer.ppo.actor import PPOActor
 from areal.utils import logging, stats_tracker
 
 from areal_a3po.batch import agree_on_batch, batch_error, check_versions, count_batch, require_versions
-from areal_a3po.checkpoint import STATE_FILE, load_state, save_state
+from areal_a3po.checkpoint import STATE_FILE, load_state, resumable, save_state
 from areal_a3po.fallback import FallbackState
 from areal_a3po.loss import AREAL_VERSIONS_KEY, _A3POUpdateEngine, _StepAudit, a3po_loss_fn
 from areal_a3po.ranks import is_rank_zero
@@ -59,10 +59,6 @@ __all__ = [
 
 class A3POWarning(UserWarning):
     """A condition A-3PO handles but the user should know about (fallback switch, excess staleness)."""
-
-
-#: What the batch checks raise; on any rank, every rank raises it (``batch.agree_on_batch``).
-INPUT_ERRORS = (KeyError, TypeError, ValueError)
 
 
 def _warn(message: str) -> None:
@@ -123,8 +119,9 @@ class A3POPPOActor(PPOActor):
     def compute_advantages(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self.a3po_enabled:
             return super().compute_advantages(data)
-        # This rank's checks, then one all-gather: a bad shard on any rank stops every rank with the
-        # same error, before the update's collectives (where the others would wait for it forever).
+        # This rank's checks, then one all-gather: a bad shard on any rank, or any other error here (a
+        # CUDA out-of-memory in AReaL's advantages, say), stops every rank with the same error before
+        # the update's collectives, where the others would wait for it for ever.
         error, out, self._counts = None, None, None
         try:
             # Per trajectory, before AReaL pads them into one batch (padding would hide a short
@@ -132,7 +129,7 @@ class A3POPPOActor(PPOActor):
             for i, traj in enumerate(data):
                 check_versions(traj, f"trajectory {i}")
             out = super().compute_advantages(data)  # counts the batch (_compute_advantages)
-        except INPUT_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree_on_batch
             error = exc
         k = self.engine.get_version()
         counts = agree_on_batch(self._counts, error, getattr(self.engine, "data_parallel_group", None))
@@ -231,15 +228,16 @@ class A3POActorMixin(BoundedWeightSyncMixin):
         return out
 
     def save(self, meta: Any) -> None:
-        """AReaL's save, plus the A-3PO state (fallback mode) as ``STATE_FILE`` next to the weights."""
+        """AReaL's save, plus the A-3PO state (fallback mode) as ``STATE_FILE`` next to the weights of a
+        checkpoint a run resumes from (not in the Saver's Hugging Face exports)."""
         super().save(meta)  # type: ignore[misc]
-        if self.actor.a3po_enabled:
+        if self.actor.a3po_enabled and resumable(meta):
             save_state(meta.path, self.actor.state_dict())
 
     def load(self, meta: Any) -> None:
         """AReaL's load, plus the A-3PO state: rank 0 reads it, every rank resumes in its mode."""
         super().load(meta)  # type: ignore[misc]
-        if not self.actor.a3po_enabled:
+        if not (self.actor.a3po_enabled and resumable(meta)):
             return
         state = load_state(meta.path)
         if state is not None:

@@ -152,11 +152,13 @@ def _anchor_key(anchor: str) -> str:
     return f"anchor_{anchor}"
 
 
-def _log_empty_audit(a3po: A3POConfig, minibatch: int) -> None:
+def _log_empty_audit(a3po: A3POConfig, minibatch: int, device: torch.device) -> None:
     """The audit keys of ``minibatch`` with no token, for a rank where AReaL never called the loss in
     that minibatch (it skips micro-batches whose tokens are all masked): the keys a rank logs must
-    not depend on its shard, or AReaL's stats export over the ranks does not pair up."""
-    zero, none = torch.zeros(1), torch.zeros(1, dtype=torch.bool)
+    not depend on its shard, or AReaL's stats export over the ranks does not pair up. On ``device``,
+    the engine's (where the loss would have recorded them): AReaL reduces each key on the device it
+    was recorded on, and NCCL refuses a CPU tensor."""
+    zero, none = torch.zeros(1, device=device), torch.zeros(1, dtype=torch.bool, device=device)
     others = {**{_anchor_key(a): zero for a in _other_anchors(a3po)}, AREAL_LOGLINEAR: zero}
     inputs = AuditInputs(approx=zero, others=others, truth=zero, behave=zero, theta=zero, advantages=zero, tokens=none,
                          staleness=zero, minibatch=minibatch, eps_clip=0.2, staleness_limit=a3po.staleness_limit)
@@ -215,7 +217,7 @@ class _A3POUpdateEngine:
         calls = self._step_audit.loss_calls
         stats = self._engine.train_batch(input_, loss_fn=a3po_loss, loss_weight_fn=loss_weight_fn)
         if self._step_audit.audited and self._step_audit.loss_calls == calls:
-            _log_empty_audit(self._a3po, minibatch)
+            _log_empty_audit(self._a3po, minibatch, self._engine.device)
         bad = int(gather_rows([self._step_audit.take_nonfinite_theta()], getattr(self._engine, "data_parallel_group", None)).sum())
         if bad:
             raise theta_error(bad, minibatch)

@@ -172,11 +172,17 @@ def test_a_failed_state_write_keeps_the_last_state_and_a_missing_one_is_named(ti
     actor.actor.fallback.mode = "recompute"
     meta = SaveLoadMeta(path=str(tmp_path / "ckpt"), weight_format="dcp", with_optim=True)
     actor.save(meta)
-    # A save that fails while writing the state (here: a value JSON cannot hold) leaves the last state whole.
+    # A save that fails while writing the state (here: a lone surrogate, which fails in the file's
+    # write after the temporary file exists) leaves the last state whole.
     good = actor.actor.state_dict
-    actor.actor.state_dict = lambda: {"fallback": {**good()["fallback"], "mode": "approximate", "note": object()}}
-    with pytest.raises(TypeError, match="not JSON serializable"):
+    actor.actor.state_dict = lambda: {"fallback": {**good()["fallback"], "mode": "approximate", "note": "\ud800"}}
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
         actor.save(meta)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".a3po_state")) == []
+    actor.actor.state_dict = good
+    # The Saver's Hugging Face export (for evaluation and serving) gets no A-3PO state.
+    actor.save(SaveLoadMeta(path=str(tmp_path / "hf"), weight_format="hf", with_optim=False, tokenizer=None))
+    assert (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / STATE_FILE).exists()
     resumed = make_actor(tiny_model, prox_logp_method="a3po", max_tokens_per_mb=T, a3po_options={"audit_interval": 1, "fallback": fallback})
     resumed.load(meta)
     assert resumed.actor.fallback.mode == "recompute"

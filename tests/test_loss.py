@@ -102,8 +102,9 @@ def test_loss_without_versions_is_named():
 
 
 class _Recorder:
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         self.calls = []
+        self.device = torch.device(device)  # AReaL's engines compute on engine.device
 
     def train_batch(self, input_, loss_fn, loss_weight_fn):
         self.calls.append(loss_fn)
@@ -138,6 +139,25 @@ def test_an_audited_minibatch_without_a_loss_call_still_logs_its_audit_keys():
     stats = stats_tracker.export_all()
     # Every audit key of minibatch 0 is there with 0 tokens; the averages of no token are left out by the export.
     assert stats == {f"a3po/audit/{b}tokens": 0.0 for b in ("", "minibatch_0/", "staleness_0/", "staleness_1/", "staleness_gt_1/")}
+
+
+def test_an_empty_minibatchs_audit_keys_are_on_the_engines_device(monkeypatch):
+    # AReaL's export reduces each key over the data-parallel group on the device it was recorded on, and
+    # NCCL refuses a CPU tensor: the keys of a minibatch this rank never trained on must be on the engine's
+    # device, as the loss's own are. "meta" stands for a device that is not the CPU.
+    from collections import defaultdict
+
+    from areal.utils import stats_tracker
+
+    tracker = stats_tracker.DEFAULT_TRACKER
+    for name, empty in (("stats", defaultdict(list)), ("denominators", {}), ("reduce_types", {})):
+        monkeypatch.setattr(tracker, name, empty)  # a fresh tracker for this test, restored after it
+    view = _A3POUpdateEngine(_Recorder("meta"), A3POConfig(max_staleness=1), 2, _StepAudit(use_truth=False, audited=True))
+    areal_loss = functools.partial(grpo_loss_fn, current_version=K, prox_logp_method="a3po", **AREAL_KW)
+    view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)
+    devices = {key: {t.device.type for t in values} for key, values in tracker.stats.items()}
+    assert "a3po/audit/staleness_gt_1/tokens" in devices and len(devices) > 20
+    assert {key: kinds for key, kinds in devices.items() if kinds != {"meta"}} == {}
 
 
 def test_engine_view_refuses_a_loss_it_does_not_know():

@@ -89,6 +89,37 @@ def test_an_error_on_one_rank_is_raised_on_every_rank():
     assert run_ranks(_agree, 1, timeout=120) == [Raised("TypeError", "'versions' must be an integer tensor [rank 1 of 2; every rank stops]")] * 2
 
 
+def _raise_on_rank_one(rank: int, world: int, error: BaseException) -> object:
+    import torch.distributed as dist
+
+    from areal_a3po.ranks import raise_together
+
+    dist.init_process_group("gloo")
+    raise_together(error if rank == 1 else None)
+    return "went on"
+
+
+def test_an_error_whose_type_takes_other_arguments_is_raised_everywhere_named():
+    # UnicodeDecodeError's constructor takes five arguments: it cannot be rebuilt from its message.
+    error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    out = run_ranks(_raise_on_rank_one, error, timeout=120)
+    expected = "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte [rank 1 of 2; every rank stops]"
+    assert out == [Raised("RuntimeError", expected)] * 2
+
+
+def test_the_device_of_a_backends_collectives():
+    import torch.distributed as dist
+
+    from areal_a3po.ranks import collective_device_type
+
+    # NCCL refuses CPU tensors; AReaL's NPU platform communicates over HCCL, registered for the NPU.
+    assert [collective_device_type(b) for b in ("gloo", "nccl", "xccl", "mpi")] == ["cpu", "cuda", "xpu", "cpu"]
+    dist.Backend.register_backend("a3pofakehccl", lambda *a: None, devices=["npu"])
+    assert collective_device_type("a3pofakehccl") == "npu"
+    with pytest.raises(ValueError, match=r"backend 'nope' is not registered with torch\.distributed"):
+        collective_device_type("nope")
+
+
 def test_ranks_agree_on_the_groups_counts():
     from areal_a3po.batch import BatchCounts
 
@@ -118,8 +149,9 @@ def test_rank_zero_reads_the_state_for_every_rank(tmp_path):
     assert run_ranks(_load, [str(shared), str(local)], timeout=120) == [{"fallback": {"mode": "recompute"}}] * 2
 
 
-def test_an_unreadable_state_is_the_same_error_on_every_rank(tmp_path):
-    (tmp_path / "a3po_state.json").write_text('{"fallback": {"mo')  # cut short
+@pytest.mark.parametrize("content", [b'{"fallback": {"mo', b"\x80\x04\x95binary"], ids=["cut short", "binary"])
+def test_an_unreadable_state_is_the_same_error_on_every_rank(tmp_path, content):
+    (tmp_path / "a3po_state.json").write_bytes(content)
     out = run_ranks(_load, [str(tmp_path)] * 2, timeout=120)
     assert out[0] == out[1] and out[0].type == "ValueError"
     assert "a3po_state.json is not valid JSON" in out[0].message and out[0].message.endswith("[rank 0 of 2; every rank stops]")
@@ -129,10 +161,22 @@ def test_a_failed_write_leaves_the_previous_state(tmp_path):
     from areal_a3po.checkpoint import save_state
 
     save_state(str(tmp_path), {"fallback": {"mode": "recompute"}})
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        save_state(str(tmp_path), {"fallback": {"mode": "approximate", "extra": object()}})  # fails mid-write
+    # A lone surrogate passes json.dumps and fails in the write itself, inside write_atomically,
+    # after the temporary file exists (as a full disk would).
+    with pytest.raises(UnicodeEncodeError, match="surrogates not allowed"):
+        save_state(str(tmp_path), {"fallback": {"mode": "approximate", "note": "\ud800"}})
     assert json.loads((tmp_path / "a3po_state.json").read_text()) == {"fallback": {"mode": "recompute"}}
-    assert os.listdir(tmp_path) == ["a3po_state.json"]  # no temporary file left
+    assert os.listdir(tmp_path) == ["a3po_state.json"]  # the temporary file was removed
+
+
+def test_a_failed_rename_removes_the_temporary_file(tmp_path):
+    from areal_a3po.checkpoint import write_atomically
+
+    target = tmp_path / "a3po_state.json"
+    target.mkdir()  # os.replace cannot put a file over a folder: the last step fails
+    with pytest.raises(OSError):
+        write_atomically(str(target), "{}")
+    assert os.listdir(tmp_path) == ["a3po_state.json"] and target.is_dir()
 
 
 # --- Two FSDP actors, one per rank ---
@@ -179,6 +223,12 @@ def _two_actors(rank: int, world: int, model: str) -> dict:
     if rank == 1:
         trajs[1]["versions"] = trajs[1]["versions"].float()
     seen["float_versions"] = _raised(lambda: actor.compute_advantages(trajs))
+    #    An error no check of ours foresees, from AReaL's own compute_advantages: a custom workflow's
+    #    reward of the wrong shape on rank 1 (torch's RuntimeError from the reward normalisation).
+    trajs = stale_rollout(actor, _versions(rank), seed=rank).trajectories()
+    if rank == 1:
+        trajs[1]["rewards"] = torch.tensor([1.0, 2.0])
+    seen["unforeseen"] = _raised(lambda: actor.compute_advantages(trajs))
 
     # 3. Rank 1's shard entirely masked: AReaL would skip its loss, and with it all its update stats.
     trajs = stale_rollout(actor, _versions(rank), seed=rank).trajectories()
@@ -243,6 +293,10 @@ def test_two_fsdp_ranks_with_different_shards_decide_raise_and_log_as_one(tiny_m
         "'versions' must be an integer tensor (weight version per token, -1 for prompt tokens), got dtype torch.float32 "
         "in the trajectory 1; convert it in the workflow with versions.long(). [rank 1 of 2; every rank stops]",
     )
+
+    assert seen[0]["unforeseen"] == seen[1]["unforeseen"]
+    assert seen[0]["unforeseen"].type == "RuntimeError" and seen[0]["unforeseen"].message.endswith("[rank 1 of 2; every rank stops]")
+    assert "The size of tensor a" in seen[0]["unforeseen"].message
 
     # 3. Rank 1's shard masked entirely: both ranks stop, naming rank 1, before anything is trained.
     assert seen[0]["masked_shard"] == seen[1]["masked_shard"]
