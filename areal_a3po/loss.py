@@ -23,6 +23,7 @@ import torch
 from areal.trainer.ppo.actor import compute_prox_logp_approximations, grpo_loss_fn
 from areal.utils import stats_tracker
 
+from areal_a3po.areal_compat import AREAL_VERSION, TESTED_VERSIONS
 from areal_a3po.audit import AuditInputs, AuditTotals, audit_report, log_audit_report
 from areal_a3po.batch import check_theta_finite, nonfinite_theta, require_versions, theta_error
 from areal_a3po.config import A3POConfig
@@ -34,8 +35,11 @@ __all__ = ["AREAL_VERSIONS_KEY", "a3po_loss_fn"]
 #: Key under which a batch carries AReaL's own (unaligned) versions, for the audit's comparison
 #: with AReaL's ``loglinear``.
 AREAL_VERSIONS_KEY = "a3po_areal_versions"
-#: The audit's name for AReaL's built-in ``loglinear``, compared on audited steps.
+#: The audit's names for AReaL's own approximations, compared on audited steps: ``loglinear`` (its
+#: proximal version k − 1, on its unaligned versions) and AReaL 2.0's ``reuse_train_logp`` (π_θ of the
+#: loss's forward, detached; reported on 1.0.4 too, where it is what 2.0 would use).
 AREAL_LOGLINEAR = "areal_loglinear"
+AREAL_REUSE_TRAIN_LOGP = "areal_reuse_train_logp"
 
 
 class _StepAudit:
@@ -122,6 +126,7 @@ def a3po_loss_fn(
                 )
                 for other in _other_anchors(a3po)
             }
+            others[AREAL_REUSE_TRAIN_LOGP] = theta_logp
             areal_versions = input_data.get(AREAL_VERSIONS_KEY)
             if areal_versions is not None:
                 # AReaL's built-in method, on its own (unaligned) versions as its loss would see them.
@@ -159,7 +164,7 @@ def _log_empty_audit(a3po: A3POConfig, minibatch: int, device: torch.device) -> 
     the engine's (where the loss would have recorded them): AReaL reduces each key on the device it
     was recorded on, and NCCL refuses a CPU tensor."""
     zero, none = torch.zeros(1, device=device), torch.zeros(1, dtype=torch.bool, device=device)
-    others = {**{_anchor_key(a): zero for a in _other_anchors(a3po)}, AREAL_LOGLINEAR: zero}
+    others = {**{_anchor_key(a): zero for a in _other_anchors(a3po)}, AREAL_REUSE_TRAIN_LOGP: zero, AREAL_LOGLINEAR: zero}
     inputs = AuditInputs(approx=zero, others=others, truth=zero, behave=zero, theta=zero, advantages=zero, tokens=none,
                          staleness=zero, minibatch=minibatch, eps_clip=0.2, staleness_limit=a3po.staleness_limit)
     with stats_tracker.scope("a3po"):
@@ -199,7 +204,8 @@ class _A3POUpdateEngine:
         if not (isinstance(loss_fn, functools.partial) and loss_fn.func is grpo_loss_fn):
             raise RuntimeError(
                 "areal-a3po expected PPOActor._ppo_update to pass functools.partial(grpo_loss_fn, ...) "
-                f"to train_batch, got {loss_fn!r}; this areal version is not supported (need areal==1.0.4)."
+                f"to train_batch, got {loss_fn!r}: AReaL {AREAL_VERSION}'s update is not the one the plugin hooks "
+                f"into (tested: AReaL {' and '.join(TESTED_VERSIONS)})."
             )
         if self._minibatch >= self._n_minibatches:
             raise RuntimeError(

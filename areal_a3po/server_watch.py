@@ -1,22 +1,34 @@
-"""Watch the inference servers; end the run naming the one that stops answering.
+"""Watch the inference servers during a run; end the run naming the one that stops answering.
 
-AReaL 1.0.4 does not notice an inference server that dies or hangs during a run: its rollout worker
-(the server's parent) stays alive, each rollout request fails after ``rollout.request_retries`` and
-is dropped, and the trainer waits for a batch that never comes, for ever (measured on CPU: a
-vLLM server SIGKILLed after step 2 of 8, the run still waiting 400 s later). The scheduler only
-notices dead *workers* (``WorkerFailedError``).
+AReaL (1.0.4, 2.0.0) does not notice an inference server that dies or hangs during a run: its rollout
+worker (the server's parent) stays alive, each rollout request fails after ``rollout.request_retries``
+and is dropped, and the trainer waits for a batch that never comes, for ever. Its scheduler notices
+dead *workers* only.
 
-``ServerWatch`` asks each server's ``/health`` (the health request of both AReaL backends, vLLM and
-SGLang) every few seconds from a daemon thread of the controller. A server that has not answered
-with a status below 500 for ``rollout.server_health_timeout`` seconds (refused, reset, no answer, a
-5xx) is lost: the watch raises ``InferenceServerLost``, naming the server, in the main thread (a
-signal to it, so that a blocking wait there is interrupted) and stops. The trainer's ``run`` then
-stops every process and exits 1 (``areal_a3po.train``).
+``ServerWatch`` sends each server a request that answers at once while the server lives, also while
+its generation is paused (``servers.ServerKind.probe_path``: vLLM's ``/health``, SGLang's
+``/server_info``), every few seconds from a daemon thread, without any proxy of the environment (as
+AReaL's own requests). A server that has not answered with a status below 500 for
+``rollout.server_health_timeout`` seconds (refused, reset, no answer, a 5xx) is lost: ``lost`` holds
+the message naming it, and the watch ends the run:
+
+- single controller (AReaL's default): ``InferenceServerLost`` is raised in the main thread, by a
+  signal (``WATCH_SIGNAL``) so that a blocking wait there returns; the entry point stops every process
+  and exits 1. The watch's signal handler is installed while the watch runs and the previous one is
+  restored after; a ``WATCH_SIGNAL`` that is not the watch's (Slurm's ``--signal=USR1`` preemption
+  notice) goes to the previous handler;
+- SPMD mode (every trainer rank runs the script and watches the servers): the rank prints the message
+  and exits with status 1 at once. A rank blocked in a collective cannot run a Python signal handler
+  until the collective returns, and one rank leaving alone would leave the others waiting in theirs;
+  the launcher (torchrun) stops the others when one exits;
+- outside the main thread (a library caller's thread): the message is logged only.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 import urllib.error
@@ -28,6 +40,9 @@ DEFAULT_HEALTH_TIMEOUT = 120.0
 #: The signal the watch sends to the main thread to raise ``InferenceServerLost`` there.
 WATCH_SIGNAL = signal.SIGUSR1
 
+#: Requests go straight to the servers, whatever ``http_proxy`` says (AReaL's clients do not use it either).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class InferenceServerLost(BaseException):
     """An inference server stopped answering during the run; the message names it and the key.
@@ -37,11 +52,12 @@ class InferenceServerLost(BaseException):
     swallow it."""
 
 
-def health(address: str, timeout: float) -> str | None:
-    """None when ``http://address/health`` answers with a status below 500 within ``timeout`` seconds;
-    otherwise what happened instead (for the message)."""
+def health(address: str, timeout: float, path: str = "/health") -> str | None:
+    """None when ``http://<address><path>`` answers with a status below 500 within ``timeout`` seconds;
+    otherwise what happened instead (for the message). ``address`` is ``host:port`` (an IPv6 host in
+    brackets, as AReaL's ``format_hostport`` writes it)."""
     try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as response:
+        with _DIRECT.open(f"http://{address}{path}", timeout=timeout) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code
@@ -52,35 +68,53 @@ def health(address: str, timeout: float) -> str | None:
 
 
 class ServerWatch:
-    """A daemon thread that checks every ``interval`` seconds that each of ``addresses`` answers its
-    ``/health``; when one has not for ``timeout`` seconds, ``lost`` holds the message and ``on_lost``
-    is called once with it (``interrupt_main_thread`` by default)."""
+    """A daemon thread that checks every ``interval`` seconds that each of ``addresses`` answers
+    ``probe_path`` within ``probe_timeout``; when one has not for ``timeout`` seconds, ``lost`` holds
+    the message and ``on_lost`` is called once with it. Without ``on_lost``: see the module's docstring
+    (``single_controller``: AReaL's single-controller mode, else SPMD)."""
 
-    def __init__(self, addresses: list[str], timeout: float, *, interval: float | None = None,
-                 on_lost: Callable[[str], None] | None = None, what: str = "inference server"):
+    def __init__(self, addresses: list[str], timeout: float, *, probe_path: str = "/health", interval: float | None = None,
+                 probe_timeout: float | None = None, on_lost: Callable[[str], None] | None = None,
+                 single_controller: bool = True, what: str = "inference server"):
         self.addresses = list(addresses)
         self.timeout = float(timeout)
+        self.probe_path = probe_path
         self.interval = interval if interval is not None else min(5.0, max(self.timeout / 4, 0.05))
-        self.on_lost = on_lost or interrupt_main_thread
+        self.probe_timeout = probe_timeout if probe_timeout is not None else min(5.0, max(self.timeout / 2, 1.0))
         self.what = what
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._interrupt: _MainThreadInterrupt | None = None
+        if on_lost is not None:
+            self.on_lost = on_lost
+        elif not single_controller:
+            self.on_lost = exit_process
+        elif threading.current_thread() is threading.main_thread():
+            self._interrupt = _MainThreadInterrupt()
+            self.on_lost = self._interrupt.raise_in_main_thread
+        else:
+            self.on_lost = _log_only
 
     def start(self) -> ServerWatch:
+        if self._interrupt is not None:
+            self._interrupt.install()
         self._thread = threading.Thread(target=self._run, name="a3po-server-watch", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop checking (a lost server is reported no more) and give the signal back its previous handler."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.interval + 5)
+            self._thread.join(timeout=self.interval + self.probe_timeout + 5)
+        if self._interrupt is not None:
+            self._interrupt.restore()
 
     def check(self) -> str | None:
         """One round now: the first server that does not answer and why (``address: reason``), or None."""
         for address in self.addresses:
-            problem = health(address, timeout=min(max(self.interval, 1.0), 5.0))
+            problem = health(address, self.probe_timeout, self.probe_path)
             if problem is not None:
                 return f"{address}: {problem}"
         return None
@@ -89,7 +123,7 @@ class ServerWatch:
         last_ok = {a: time.monotonic() for a in self.addresses}
         while not self._stop.wait(self.interval):
             for address in self.addresses:
-                problem = health(address, timeout=min(self.interval, 5.0))
+                problem = health(address, self.probe_timeout, self.probe_path)
                 now = time.monotonic()
                 if problem is None:
                     last_ok[address] = now
@@ -97,33 +131,56 @@ class ServerWatch:
                 if now - last_ok[address] >= self.timeout and not self._stop.is_set():
                     self.lost = (
                         f"the {self.what} at {address} stopped answering during the run ({problem}; no answer "
-                        f"to /health for {now - last_ok[address]:.0f} s, {HEALTH_KEY}={self.timeout:g}). Its log "
-                        "is rollout.log in AReaL's log folder."
+                        f"to {self.probe_path} for {now - last_ok[address]:.0f} s, {HEALTH_KEY}={self.timeout:g}). "
+                        "Its log is rollout.log in AReaL's log folder."
                     )
                     self._stop.set()
                     self.on_lost(self.lost)
                     return
 
 
-def interrupt_main_thread(message: str) -> None:
-    """Raise ``InferenceServerLost(message)`` in the main thread: a real signal, so that a blocking
-    call there (a socket read, a lock) returns and the handler runs at once."""
-    _pending.append(message)
-    signal.pthread_kill(threading.main_thread().ident, WATCH_SIGNAL)
+class _MainThreadInterrupt:
+    """``WATCH_SIGNAL``'s handler while a watch runs: raises ``InferenceServerLost`` in the main thread for
+    the watch's message, and passes any other ``WATCH_SIGNAL`` to the handler that was there before."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._previous = None
+        self._installed = False
+
+    def install(self) -> None:
+        self._previous = signal.signal(WATCH_SIGNAL, self._handle)
+        self._installed = True
+
+    def restore(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(WATCH_SIGNAL, self._previous)
+            self._installed = False
+
+    def raise_in_main_thread(self, message: str) -> None:
+        """A real signal, so that a blocking call in the main thread (a socket read, a lock) returns."""
+        self._pending.append(message)
+        signal.pthread_kill(threading.main_thread().ident, WATCH_SIGNAL)
+
+    def _handle(self, signum, frame) -> None:
+        if self._pending:
+            raise InferenceServerLost(self._pending.pop())
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # the default action (SIGUSR1: terminate), as without the watch
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
 
 
-_pending: list[str] = []
+def exit_process(message: str) -> None:
+    """SPMD mode: print ``message`` and end this rank's process at once with status 1 (see the module)."""
+    sys.stderr.write(f"areal_a3po: {message} This rank exits now (status 1).\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
-def _raise_lost(signum, frame) -> None:
-    if _pending:
-        raise InferenceServerLost(_pending.pop())
+def _log_only(message: str) -> None:
+    from areal.utils import logging
 
-
-def install_handler() -> bool:
-    """Install the main thread's handler for ``WATCH_SIGNAL``; False where that cannot be done (not
-    the main thread), and then a lost server is only logged."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(WATCH_SIGNAL, _raise_lost)
-    return True
+    logging.getLogger("A3PO").error("%s (not in the main thread, so the run is not stopped)", message)

@@ -88,6 +88,9 @@ def test_audit_interval_logs_the_errors_computed_here(tiny_model, anchor):
     other = "recompute" if anchor == "paper" else "paper"
     assert (PREFIX + f"anchor_{other}/abs_error/avg") in stats
     assert stats[PREFIX + "areal_loglinear/abs_error/avg"] > 0.0  # AReaL assumes v_prox = k − 1
+    # AReaL 2.0's reuse_train_logp (π_prox = the loss's π_θ, detached): with one minibatch π_θ is π at
+    # version k, the recomputed π_prox, so its error is 0 (to the last bit: the same forward's values).
+    assert stats[PREFIX + "areal_reuse_train_logp/abs_error/max"] == 0.0
 
     stats, forwards = _stats_of_update(actor, stale_rollout(actor, versions + 1, seed=5).trajectories(), version + 1)
     assert forwards == B and not any(k.startswith(PREFIX) for k in stats)

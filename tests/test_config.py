@@ -1,10 +1,12 @@
 """Config loading: every shipped YAML, Hydra overrides, and each invalid setting's named error."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from areal_a3po import A3POActorConfig, A3POConfigError, A3POGRPOConfig, FallbackConfig, load_config
+from areal_a3po.areal_compat import areal_prox_logp_methods
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 #: The CPU configs carry the harness's ``synthetic`` block (benchmarks.harness.train); the others are
@@ -70,7 +72,8 @@ def test_recompute_keeps_arealsmeaning(tmp_path):
         (["actor.use_decoupled_loss=false"], r"actor\.prox_logp_method=a3po needs the decoupled loss; set actor\.use_decoupled_loss=true"),
         (["actor.a3po.anchor=latest"], r"actor\.a3po\.anchor='latest' is not an anchor; set one of \['paper', 'recompute'\]"),
         (["actor.a3po.interpolation=cubic"], r"actor\.a3po\.interpolation='cubic' is not an interpolation; set one of \['linear', 'loglinear'\]"),
-        (["actor.prox_logp_method=a3p0"], r"actor\.prox_logp_method='a3p0' is unknown; set one of \['recompute', 'loglinear', 'metrics', 'a3po'\]"),
+        # AReaL's own methods (2.0 adds reuse_train_logp), then a3po
+        (["actor.prox_logp_method=a3p0"], r"actor\.prox_logp_method='a3p0' is unknown; set one of " + re.escape(str([*areal_prox_logp_methods(), "a3po"]))),
         (["actor.a3po.audit_interval=-1"], r"actor\.a3po\.audit_interval=-1 must be an integer ≥ 0"),
         (["actor.a3po.audit_interval=5", "actor.a3po.fallback.metric=mse"], r"actor\.a3po\.fallback\.metric='mse' is not an audit metric; set one of \['abs_error'"),
         (["actor.a3po.audit_interval=5", "actor.a3po.fallback.threshold=-0.5"], r"actor\.a3po\.fallback\.threshold=-0\.5 must be a finite number ≥ 0"),

@@ -308,3 +308,20 @@ def test_median_after_warmup_skips_each_lanes_first_step():
     assert median_after_warmup(lanes["b"]) == 0.7
     assert median_after_warmup(lanes["a"][:1]) == 10.0  # a single step is all there is
     assert rec("a", 0, 1.0).audit("abs_error/avg") == 0.0 and rec("a", 0, 1.0).grad_norm == 0.0
+
+
+def test_groups_intact_reads_every_row_of_each_trajectory_dict():
+    # AReaL's loop hands a prompt's samples over as one dict of n_samples rows: the check must look at
+    # each row's prompt, not only at the first row of each dict (which compared different prompts).
+    import torch
+
+    from benchmarks.harness.ranks import groups_intact
+
+    def group(prompt: list[int], n: int) -> dict:
+        ids = torch.tensor([prompt + [9, 9]] * n)
+        versions = torch.tensor([[-1] * len(prompt) + [3, 3]] * n)
+        return dict(input_ids=ids, versions=versions)
+
+    assert groups_intact([group([1, 2], 2), group([5, 6], 2)], 2)  # two prompts, two samples each
+    assert groups_intact([group([1, 2], 1), group([1, 2], 1), group([5, 6], 2)], 2)  # one row per dict
+    assert not groups_intact([group([1, 2], 1), group([5, 6], 2), group([1, 2], 1)], 2)  # a group split across prompts

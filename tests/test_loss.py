@@ -162,7 +162,7 @@ def test_an_empty_minibatchs_audit_keys_are_on_the_engines_device(monkeypatch):
 
 def test_engine_view_refuses_a_loss_it_does_not_know():
     view = _A3POUpdateEngine(_Recorder(), A3POConfig(), 1, _StepAudit(use_truth=False))
-    with pytest.raises(RuntimeError, match=r"expected PPOActor\._ppo_update to pass functools\.partial\(grpo_loss_fn, \.\.\.\) to train_batch.*need areal==1\.0\.4"):
+    with pytest.raises(RuntimeError, match=r"expected PPOActor\._ppo_update to pass functools\.partial\(grpo_loss_fn, \.\.\.\) to train_batch.*: AReaL \S+'s update is not the one the plugin hooks into \(tested: AReaL 1\.0\.4 and 2\.0\.0\)"):
         view.train_batch({}, loss_fn=lambda *a: None, loss_weight_fn=None)
 
 

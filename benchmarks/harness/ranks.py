@@ -44,9 +44,11 @@ def _local_audit(prefix: str = AUDIT_SCOPE) -> dict[str, list[float]]:
 
 
 def groups_intact(trajectories: list[dict[str, Any]], group_size: int) -> bool:
-    """Whether every run of ``group_size`` consecutive trajectories shares one prompt (its tokens
-    before the first generated one): what AReaL's group reward normalisation assumes of a shard."""
-    prompts = [tuple(t["input_ids"][0][t["versions"][0] < 0].tolist()) for t in trajectories]
+    """Whether every run of ``group_size`` consecutive rows of the shard (each trajectory dict holds
+    one or more rows: AReaL's loop hands over a prompt's samples as one dict) shares one prompt (its
+    tokens before the first generated one): what AReaL 1.0.4's group reward normalisation assumes of
+    a shard once its dicts are concatenated."""
+    prompts = [tuple(ids[versions < 0].tolist()) for t in trajectories for ids, versions in zip(t["input_ids"], t["versions"])]
     return all(len(set(prompts[i : i + group_size])) == 1 for i in range(0, len(prompts), group_size))
 
 

@@ -17,7 +17,11 @@ run that trains the policy appends one per step to the list the stream holds.
 
 ``Rollout.trajectories()`` gives what AReaL's ``RLVRWorkflow`` returns per trajectory: int32
 ``input_ids``/``loss_mask``/``versions``, float32 ``logprobs`` and ``rewards``, a bool
-``attention_mask``, each row cut to its own length (``lengths``), so AReaL pads them itself.
+``attention_mask``, each row cut to its own length (``lengths``), so AReaL pads them itself; with
+``group_size`` > 1, one dict per prompt group (``[group_size, L]``, padded by AReaL's
+``concat_padded_tensors``), as AReaL's loop hands a prompt's samples to the trainer. AReaL 2.0
+normalises group rewards over each dict (its batch size is the group size), 1.0.4 over
+``reward_norm.group_size`` consecutive rows: both see the same groups.
 """
 
 from __future__ import annotations
@@ -54,9 +58,20 @@ class Rollout:
     logprobs: torch.Tensor  # [B, T] log π_behave of token t at position t (0 on the prompt)
     rewards: torch.Tensor  # [B]
     lengths: list[int] | None = None  # each row's length (None: all T); the rest of a row is ignored
+    group_size: int = 1  # rows per prompt (consecutive): trajectories() gives one dict per group
 
     def trajectories(self) -> list[dict[str, Any]]:
-        """One dict per row, ``[1, length]`` each, with the dtypes of AReaL's ``RLVRWorkflow``."""
+        """One dict per row, ``[1, length]`` each, with the dtypes of AReaL's ``RLVRWorkflow``; with
+        ``group_size`` > 1 one per prompt group, as AReaL's grouped rollout concatenates them."""
+        rows = self._rows()
+        if self.group_size == 1:
+            return rows
+        from areal.utils.data import concat_padded_tensors
+
+        g = self.group_size
+        return [concat_padded_tensors(rows[i : i + g]) for i in range(0, len(rows), g)]
+
+    def _rows(self) -> list[dict[str, Any]]:
         B, T = self.input_ids.shape
         lengths = self.lengths or [T] * B
         return [
@@ -294,4 +309,4 @@ class SampledStream:
             versions[sel, P:] = step - d
         loss_mask = torch.zeros(ids.shape, dtype=torch.int32)
         loss_mask[:, P:] = 1
-        return Rollout(ids, loss_mask, versions, logprobs, self.reward(ids[:, :P], ids[:, P:]))
+        return Rollout(ids, loss_mask, versions, logprobs, self.reward(ids[:, :P], ids[:, P:]), group_size=self.group)

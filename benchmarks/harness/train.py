@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from areal_a3po import train
 from areal_a3po.config import A3POConfigError, A3POGRPOConfig, load_config
+from areal_a3po.preflight import PreflightError
 from areal_a3po.trainer import A3POTrainer
 from benchmarks.harness.models import SHAPES
 
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *paths])  # inherited by every worker the run starts
     try:
         job = inputs(argv)
-    except (A3POConfigError, train.PreflightError) as exc:
+    except (A3POConfigError, PreflightError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     return train.run(job, StatsFileTrainer, prog=PROG)
@@ -165,4 +166,4 @@ if __name__ == "__main__":
     # ``__main__.SyntheticGRPOConfig`` is not one they can import (they would get a plain dict).
     from benchmarks.harness.train import main as _main
 
-    sys.exit(_main(sys.argv[1:]))
+    train.exit_now(_main(sys.argv[1:]))
