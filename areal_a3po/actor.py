@@ -40,7 +40,7 @@ from areal.utils import logging, stats_tracker
 from areal_a3po.batch import agree_on_batch, batch_error, check_versions, count_batch, require_versions
 from areal_a3po.checkpoint import STATE_FILE, load_state, resumable, save_state
 from areal_a3po.fallback import FallbackState
-from areal_a3po.loss import AREAL_VERSIONS_KEY, _A3POUpdateEngine, _StepAudit, a3po_loss_fn
+from areal_a3po.loss import AREAL_VERSIONS_KEY, A3POUpdateEngine, StepAudit, a3po_loss_fn
 from areal_a3po.ranks import is_rank_zero
 from areal_a3po.weight_sync import BoundedWeightSyncMixin
 
@@ -181,9 +181,9 @@ class A3POPPOActor(PPOActor):
         has_truth = data.get("prox_logp") is not None
         if not has_truth:
             data.pop(AREAL_VERSIONS_KEY, None)  # only the audit reads it
-        step_audit = _StepAudit(use_truth=self.fallback.recomputing and has_truth, audited=has_truth)
+        step_audit = StepAudit(use_truth=self.fallback.recomputing and has_truth, audited=has_truth)
         engine = self.engine
-        self.engine = _A3POUpdateEngine(engine, self.config.a3po, self.config.ppo_n_minibatches, step_audit)
+        self.engine = A3POUpdateEngine(engine, self.config.a3po, self.config.ppo_n_minibatches, step_audit)
         try:
             super()._ppo_update(data)
         finally:

@@ -166,7 +166,7 @@ def check_theta_finite(theta_logp: torch.Tensor, tokens: torch.Tensor, minibatch
     """Raise ``theta_error`` when the loss forward's log π_θ is NaN/Inf on a generated token (one host sync).
 
     For the loss called on its own; inside the actor's update the count is agreed on by all ranks
-    after each minibatch instead (``loss._A3POUpdateEngine``). π_behave was checked before the update
+    after each minibatch instead (``loss.A3POUpdateEngine``). π_behave was checked before the update
     started (``validate_batch``), so a failure here is the model's.
     """
     n = int(nonfinite_theta(theta_logp, tokens))

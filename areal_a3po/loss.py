@@ -9,28 +9,40 @@ with log π_θ the loss forward's own logprobs, detached. π_prox then goes to A
 as a given π_prox (its ``recompute`` method), so rejection sampling, M2PO, GSPO, dual clip and
 every stat behave as in AReaL.
 
-``_A3POUpdateEngine`` is the engine as ``PPOActor._ppo_update`` sees it during one A-3PO update: it
-swaps AReaL's loss partial for ``a3po_loss_fn`` with the same arguments plus the minibatch index j,
-which AReaL does not pass to its loss.
+The loss of one micro-batch, in three parts:
+
+- ``micro_batch_prox_logp``: π_prox (the approximation, or AReaL's recomputed π_prox in the fallback's
+  recompute mode) and its ``a3po/*`` statistics;
+- the check of log π_θ (a NaN/Inf log π_θ on a generated token: the model diverged);
+- ``audit_micro_batch`` on audited steps: every method's error against the recomputed π_prox.
+
+``A3POUpdateEngine`` is the engine as ``PPOActor._ppo_update`` sees it during one A-3PO update.
+AReaL (1.0.4, 2.0.0) has no hook for the update's loss: ``_ppo_update`` builds
+``functools.partial(grpo_loss_fn, ...)`` inline and hands it to ``engine.train_batch`` once per
+minibatch. The view swaps that partial for ``a3po_loss_fn`` with the same arguments plus the
+minibatch index j (which AReaL does not pass to its loss) and refuses any other loss; everything
+else is the engine's. After each minibatch, every rank learns (one all-gather) whether the loss
+failed on any rank, and then all raise one error.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from areal.trainer.ppo.actor import compute_prox_logp_approximations, grpo_loss_fn
 from areal.utils import stats_tracker
 
-from areal_a3po.areal_compat import AREAL_VERSION, TESTED_VERSIONS
+from areal_a3po.areal_compat import AREAL_VERSION, STAND_IN_METHOD, TESTED_VERSIONS
 from areal_a3po.audit import AuditInputs, AuditTotals, audit_report, log_audit_report
 from areal_a3po.batch import check_theta_finite, nonfinite_theta, require_versions, theta_error
 from areal_a3po.config import A3POConfig
 from areal_a3po.proximal import ANCHORS, interpolate, interpolation_weights, staleness
-from areal_a3po.ranks import gather_rows
+from areal_a3po.ranks import gather_rows, raise_together
 
-__all__ = ["AREAL_VERSIONS_KEY", "a3po_loss_fn"]
+__all__ = ["AREAL_VERSIONS_KEY", "A3POUpdateEngine", "StepAudit", "a3po_loss_fn", "micro_batch_prox_logp"]
 
 #: Key under which a batch carries AReaL's own (unaligned) versions, for the audit's comparison
 #: with AReaL's ``loglinear``.
@@ -42,10 +54,10 @@ AREAL_LOGLINEAR = "areal_loglinear"
 AREAL_REUSE_TRAIN_LOGP = "areal_reuse_train_logp"
 
 
-class _StepAudit:
+class StepAudit:
     """What one update step's loss calls share: use the truth for the loss? is the step audited? the
-    audit totals, the loss calls so far, and the count of generated tokens whose log π_θ was NaN/Inf
-    in the current minibatch (on the device)."""
+    audit totals, the loss calls so far, and, for the current minibatch, the count of generated tokens
+    whose log π_θ was NaN/Inf (on the device) and the first error of the plugin's part of the loss."""
 
     def __init__(self, *, use_truth: bool, audited: bool = False):
         self.use_truth = use_truth
@@ -53,14 +65,29 @@ class _StepAudit:
         self.totals = AuditTotals()
         self.loss_calls = 0
         self.nonfinite_theta: torch.Tensor | None = None
+        self.error: BaseException | None = None
 
     def count_nonfinite_theta(self, n: torch.Tensor) -> None:
         self.nonfinite_theta = n if self.nonfinite_theta is None else self.nonfinite_theta + n
 
-    def take_nonfinite_theta(self) -> int:
-        """The minibatch's count (one host sync), reset for the next minibatch."""
-        n, self.nonfinite_theta = self.nonfinite_theta, None
-        return 0 if n is None else int(n)
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    def take_minibatch(self) -> tuple[int, BaseException | None]:
+        """The minibatch's NaN/Inf log π_θ count (one host sync) and error, reset for the next minibatch."""
+        n, error = self.nonfinite_theta, self.error
+        self.nonfinite_theta, self.error = None, None
+        return (0 if n is None else int(n)), error
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a micro-batch sits in the update: trainer version k, minibatch j of n."""
+
+    current_version: int
+    minibatch: int
+    n_minibatches: int
 
 
 def a3po_loss_fn(
@@ -72,39 +99,63 @@ def a3po_loss_fn(
     minibatch: int,
     n_minibatches: int,
     current_version: int,
-    step_audit: _StepAudit | None = None,
+    step_audit: StepAudit | None = None,
     **grpo_kwargs: Any,
 ) -> torch.Tensor:
     """AReaL's ``grpo_loss_fn`` with π_prox from A-3PO instead of the recompute forward.
 
     ``logprobs`` is the loss forward's log π_θ (with gradient); π_prox is computed from its detached
     copy, ``input_data['logprobs']`` (log π_behave) and ``input_data['versions']`` (label-aligned),
-    all packed the same way by the engine. Logs ``a3po/{alpha, staleness, behave_imp_weight,
-    importance_weight}`` over the generated, unmasked tokens. When the batch carries AReaL's
-    recomputed ``prox_logp`` (an audited step, or the fallback), logs ``a3po/audit/*`` too, and
-    trains on the recomputed one if ``step_audit.use_truth`` (fallback mode).
+    all packed the same way by the engine (``micro_batch_prox_logp``).
+
+    Called on its own (``step_audit`` None), a problem raises here. Inside the update
+    (``A3POUpdateEngine``) it is recorded instead, π_prox = π_θ for this micro-batch (ratio 1), and every
+    rank raises after the minibatch: raising on this rank alone would leave the other ranks waiting in
+    FSDP's backward.
     """
-    versions = require_versions(input_data, "loss function")
-    if step_audit is not None:
-        step_audit.loss_calls += 1
-    behave_logp = input_data["logprobs"]
-    loss_mask = input_data["loss_mask"].bool()
+    position = Position(current_version, minibatch, n_minibatches)
+    clip = (grpo_kwargs.get("eps_clip", 0.2), grpo_kwargs.get("eps_clip_higher"))  # AReaL's ε and ε_high, for the audit
     theta_logp = logprobs.detach()
-    position = dict(current_version=current_version, minibatch=minibatch, n_minibatches=n_minibatches)
-    alpha = interpolation_weights(versions, anchor=a3po.anchor, loss_mask=loss_mask, **position)
+    if step_audit is None:
+        prox_logp = micro_batch_prox_logp(theta_logp, input_data, a3po, position, clip, step_audit)
+    else:
+        step_audit.loss_calls += 1
+        try:
+            prox_logp = micro_batch_prox_logp(theta_logp, input_data, a3po, position, clip, step_audit)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank after the minibatch
+            step_audit.fail(exc)
+            prox_logp = theta_logp
+    # AReaL's loss with π_prox supplied: its 'recompute' method takes it as given.
+    return grpo_loss_fn(
+        logprobs, entropy, {**input_data, "prox_logp": prox_logp}, current_version=current_version,
+        **{**grpo_kwargs, "prox_logp_method": STAND_IN_METHOD},
+    )
+
+
+def micro_batch_prox_logp(
+    theta_logp: torch.Tensor, input_data: dict[str, Any], a3po: A3POConfig, position: Position,
+    clip: tuple[float, float | None], step_audit: StepAudit | None,
+) -> torch.Tensor:
+    """log π_prox of one micro-batch, with its ``a3po/{alpha, staleness, behave_imp_weight,
+    importance_weight}`` stats over the generated, unmasked tokens. When the batch carries AReaL's
+    recomputed ``prox_logp`` (an audited step, or the fallback), also ``a3po/audit/*``
+    (``audit_micro_batch``), and the recomputed one is used if ``step_audit.use_truth`` (fallback mode)."""
+    versions = require_versions(input_data, "loss function")
+    behave_logp = input_data["logprobs"]
+    tokens = input_data["loss_mask"].bool() & (versions >= 0)
+    d = staleness(versions, position.current_version)
+    alpha = interpolation_weights(versions, anchor=a3po.anchor, loss_mask=tokens, **vars(position))
     approx = interpolate(behave_logp, theta_logp, alpha, interpolation=a3po.interpolation).to(theta_logp.dtype)
     truth = input_data.get("prox_logp")  # AReaL's recomputed π_prox, when this step computed it
     use_truth = truth is not None and step_audit is not None and step_audit.use_truth
     prox_logp = truth.to(theta_logp.dtype) if use_truth else approx
-    tokens = loss_mask & (versions >= 0)
-    d = staleness(versions, current_version)
+
     if step_audit is None:
-        check_theta_finite(theta_logp, tokens, minibatch)  # called on its own: raise here
+        check_theta_finite(theta_logp, tokens, position.minibatch)  # called on its own: raise here
     else:
-        # Inside the update: count now, raise after the minibatch on every rank at once
-        # (_A3POUpdateEngine). Raising here, on this rank only, would leave the other ranks waiting in
-        # FSDP's backward. Until then π_prox is kept finite, or AReaL's own check of π_prox would raise
-        # on this rank alone; the NaN loss gives a NaN gradient norm, so AReaL skips the optimizer step.
+        # Counted now, raised on every rank after the minibatch (A3POUpdateEngine). Until then π_prox is
+        # kept finite, or AReaL's own check of π_prox would raise on this rank alone; the NaN loss gives
+        # a NaN gradient norm, so AReaL skips the optimizer step.
         step_audit.count_nonfinite_theta(nonfinite_theta(theta_logp, tokens))
         prox_logp = torch.nan_to_num(prox_logp, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -118,35 +169,39 @@ def a3po_loss_fn(
             denominator="a3po_tokens",
         )
         if truth is not None:
-            others = {
-                _anchor_key(other): interpolate(
-                    behave_logp, theta_logp,
-                    interpolation_weights(versions, anchor=other, loss_mask=tokens, **position),
-                    interpolation=a3po.interpolation,
-                )
-                for other in _other_anchors(a3po)
-            }
-            others[AREAL_REUSE_TRAIN_LOGP] = theta_logp
-            areal_versions = input_data.get(AREAL_VERSIONS_KEY)
-            if areal_versions is not None:
-                # AReaL's built-in method, on its own (unaligned) versions as its loss would see them.
-                others[AREAL_LOGLINEAR] = compute_prox_logp_approximations(
-                    old_logp=behave_logp.float(), logprobs=theta_logp.float(), versions=areal_versions,
-                    current_version=current_version, method="loglinear",
-                )["loglinear"]
-            audit = AuditInputs(
-                approx=approx, others=others, truth=truth, behave=behave_logp, theta=theta_logp,
-                advantages=input_data["advantages"], tokens=tokens, staleness=d, minibatch=minibatch,
-                eps_clip=grpo_kwargs.get("eps_clip", 0.2), eps_clip_higher=grpo_kwargs.get("eps_clip_higher"),
-                staleness_limit=a3po.staleness_limit,
-            )
-            _audit(audit, step_audit)
+            audit_micro_batch(approx, truth, theta_logp, input_data, a3po, position, clip, tokens, d, step_audit)
+    return prox_logp
 
-    # AReaL's loss with π_prox supplied: 'recompute' is the method that takes it as given.
-    grpo_kwargs["prox_logp_method"] = "recompute"
-    return grpo_loss_fn(
-        logprobs, entropy, {**input_data, "prox_logp": prox_logp}, current_version=current_version, **grpo_kwargs
-    )
+
+def audit_micro_batch(approx, truth, theta_logp, input_data, a3po, position, clip, tokens, d, step_audit) -> None:
+    """``a3po/audit/*`` of one micro-batch: the active approximation, the other anchors, AReaL's
+    ``loglinear`` and 2.0's ``reuse_train_logp`` against AReaL's recomputed π_prox; the active method's
+    share of the step's totals (for the fallback)."""
+    versions, behave_logp = input_data["versions"], input_data["logprobs"]
+    others = {
+        _anchor_key(other): interpolate(
+            behave_logp, theta_logp,
+            interpolation_weights(versions, anchor=other, loss_mask=tokens, **vars(position)),
+            interpolation=a3po.interpolation,
+        )
+        for other in _other_anchors(a3po)
+    }
+    others[AREAL_REUSE_TRAIN_LOGP] = theta_logp
+    areal_versions = input_data.get(AREAL_VERSIONS_KEY)
+    if areal_versions is not None:
+        # AReaL's built-in method, on its own (unaligned) versions as its loss would see them.
+        others[AREAL_LOGLINEAR] = compute_prox_logp_approximations(
+            old_logp=behave_logp.float(), logprobs=theta_logp.float(), versions=areal_versions,
+            current_version=position.current_version, method="loglinear",
+        )["loglinear"]
+    report = audit_report(AuditInputs(
+        approx=approx, others=others, truth=truth, behave=behave_logp, theta=theta_logp,
+        advantages=input_data["advantages"], tokens=tokens, staleness=d, minibatch=position.minibatch,
+        eps_clip=clip[0], eps_clip_higher=clip[1], staleness_limit=a3po.staleness_limit,
+    ))
+    log_audit_report(report)
+    if step_audit is not None:
+        step_audit.totals.add(report.active, report.tokens)
 
 
 def _other_anchors(a3po: A3POConfig) -> list[str]:
@@ -157,7 +212,7 @@ def _anchor_key(anchor: str) -> str:
     return f"anchor_{anchor}"
 
 
-def _log_empty_audit(a3po: A3POConfig, minibatch: int, device: torch.device) -> None:
+def log_empty_audit(a3po: A3POConfig, minibatch: int, device: torch.device) -> None:
     """The audit keys of ``minibatch`` with no token, for a rank where AReaL never called the loss in
     that minibatch (it skips micro-batches whose tokens are all masked): the keys a rank logs must
     not depend on its shard, or AReaL's stats export over the ranks does not pair up. On ``device``,
@@ -171,26 +226,18 @@ def _log_empty_audit(a3po: A3POConfig, minibatch: int, device: torch.device) -> 
         log_audit_report(audit_report(inputs))
 
 
-def _audit(inputs: AuditInputs, step_audit: _StepAudit | None) -> None:
-    """``a3po/audit/*`` of one micro-batch, and its share of the step's totals (for the fallback)."""
-    report = audit_report(inputs)
-    log_audit_report(report)
-    if step_audit is not None:
-        step_audit.totals.add(report.active, report.tokens)
-
-
-class _A3POUpdateEngine:
-    """The engine as ``PPOActor._ppo_update`` sees it during one A-3PO update.
+class A3POUpdateEngine:
+    """The engine as ``PPOActor._ppo_update`` sees it during one A-3PO update (see the module docstring).
 
     Everything is the real engine's, except ``train_batch``, which numbers the minibatches, swaps
     AReaL's ``grpo_loss_fn`` partial for ``a3po_loss_fn`` with the same arguments and, after the
-    minibatch, raises on every rank of the data-parallel group when the loss saw a NaN/Inf log π_θ
-    on any of them (one all-gather per minibatch; AReaL has skipped that optimizer step). On an
-    audited step, a minibatch in which AReaL never called the loss on this rank still logs its
-    audit keys (``_log_empty_audit``).
+    minibatch, raises on every rank of the data-parallel group when the loss saw a NaN/Inf log π_θ or
+    failed on any of them (one all-gather per minibatch; AReaL has skipped that optimizer step on a
+    NaN). On an audited step, a minibatch in which AReaL never called the loss on this rank still logs
+    its audit keys (``log_empty_audit``).
     """
 
-    def __init__(self, engine: Any, a3po: A3POConfig, n_minibatches: int, step_audit: _StepAudit):
+    def __init__(self, engine: Any, a3po: A3POConfig, n_minibatches: int, step_audit: StepAudit):
         self._engine = engine
         self._a3po = a3po
         self._n_minibatches = n_minibatches
@@ -223,8 +270,11 @@ class _A3POUpdateEngine:
         calls = self._step_audit.loss_calls
         stats = self._engine.train_batch(input_, loss_fn=a3po_loss, loss_weight_fn=loss_weight_fn)
         if self._step_audit.audited and self._step_audit.loss_calls == calls:
-            _log_empty_audit(self._a3po, minibatch, self._engine.device)
-        bad = int(gather_rows([self._step_audit.take_nonfinite_theta()], getattr(self._engine, "data_parallel_group", None)).sum())
-        if bad:
-            raise theta_error(bad, minibatch)
+            log_empty_audit(self._a3po, minibatch, self._engine.device)
+        bad, error = self._step_audit.take_minibatch()
+        group = getattr(self._engine, "data_parallel_group", None)
+        counts = gather_rows([bad, int(error is not None)], group)
+        raise_together(error, group, failed=bool(counts[:, 1].any()))
+        if int(counts[:, 0].sum()):
+            raise theta_error(int(counts[:, 0].sum()), minibatch)
         return stats

@@ -15,7 +15,7 @@ from areal.trainer.ppo.actor import grpo_loss_fn
 
 from areal_a3po.actor import AREAL_VERSIONS_KEY
 from areal_a3po.config import A3POConfig
-from areal_a3po.loss import _A3POUpdateEngine, _StepAudit, a3po_loss_fn
+from areal_a3po.loss import A3POUpdateEngine, StepAudit, a3po_loss_fn
 
 RS = RejectionSamplingConfig(level="token", action="mask", metric="ratio", upper=5.0)
 AREAL_KW = dict(eps_clip=0.2, eps_clip_higher=None, c_clip=None, rejection_sampling=RS, use_decoupled_loss=True)
@@ -79,7 +79,7 @@ def test_fallback_mode_trains_on_the_recomputed_prox():
     truth = torch.tensor([-7.0, -1.4, -1.3, -2.2, -1.9])
     args = dict(minibatch=0, n_minibatches=1, current_version=K, **AREAL_KW)
     losses = {
-        use_truth: a3po_loss_fn(THETA, torch.zeros(5), _batch(prox_logp=truth), a3po=A3POConfig(), step_audit=_StepAudit(use_truth=use_truth), **args)
+        use_truth: a3po_loss_fn(THETA, torch.zeros(5), _batch(prox_logp=truth), a3po=A3POConfig(), step_audit=StepAudit(use_truth=use_truth), **args)
         for use_truth in (False, True)
     }
     areal = grpo_loss_fn(THETA, torch.zeros(5), _batch(prox_logp=truth), current_version=K, prox_logp_method="recompute", **AREAL_KW)
@@ -114,8 +114,8 @@ class _Recorder:
 
 
 def test_engine_view_numbers_minibatches_and_passes_areals_arguments_on():
-    engine, a3po, audit = _Recorder(), A3POConfig(anchor="recompute"), _StepAudit(use_truth=False)
-    view = _A3POUpdateEngine(engine, a3po, 2, audit)
+    engine, a3po, audit = _Recorder(), A3POConfig(anchor="recompute"), StepAudit(use_truth=False)
+    view = A3POUpdateEngine(engine, a3po, 2, audit)
     areal_loss = functools.partial(grpo_loss_fn, current_version=K, prox_logp_method="a3po", **AREAL_KW)
     assert view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None) == {"n": 1}
     view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)
@@ -133,7 +133,7 @@ def test_an_audited_minibatch_without_a_loss_call_still_logs_its_audit_keys():
     from areal.utils import stats_tracker
 
     stats_tracker.export_all()
-    view = _A3POUpdateEngine(_Recorder(), A3POConfig(max_staleness=1), 2, _StepAudit(use_truth=False, audited=True))
+    view = A3POUpdateEngine(_Recorder(), A3POConfig(max_staleness=1), 2, StepAudit(use_truth=False, audited=True))
     areal_loss = functools.partial(grpo_loss_fn, current_version=K, prox_logp_method="a3po", **AREAL_KW)
     view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)  # the recorder never calls the loss
     stats = stats_tracker.export_all()
@@ -152,7 +152,7 @@ def test_an_empty_minibatchs_audit_keys_are_on_the_engines_device(monkeypatch):
     tracker = stats_tracker.DEFAULT_TRACKER
     for name, empty in (("stats", defaultdict(list)), ("denominators", {}), ("reduce_types", {})):
         monkeypatch.setattr(tracker, name, empty)  # a fresh tracker for this test, restored after it
-    view = _A3POUpdateEngine(_Recorder("meta"), A3POConfig(max_staleness=1), 2, _StepAudit(use_truth=False, audited=True))
+    view = A3POUpdateEngine(_Recorder("meta"), A3POConfig(max_staleness=1), 2, StepAudit(use_truth=False, audited=True))
     areal_loss = functools.partial(grpo_loss_fn, current_version=K, prox_logp_method="a3po", **AREAL_KW)
     view.train_batch({}, loss_fn=areal_loss, loss_weight_fn=None)
     devices = {key: {t.device.type for t in values} for key, values in tracker.stats.items()}
@@ -161,7 +161,7 @@ def test_an_empty_minibatchs_audit_keys_are_on_the_engines_device(monkeypatch):
 
 
 def test_engine_view_refuses_a_loss_it_does_not_know():
-    view = _A3POUpdateEngine(_Recorder(), A3POConfig(), 1, _StepAudit(use_truth=False))
+    view = A3POUpdateEngine(_Recorder(), A3POConfig(), 1, StepAudit(use_truth=False))
     with pytest.raises(RuntimeError, match=r"expected PPOActor\._ppo_update to pass functools\.partial\(grpo_loss_fn, \.\.\.\) to train_batch.*: AReaL \S+'s update is not the one the plugin hooks into \(tested: AReaL 1\.0\.4 and 2\.0\.0\)"):
         view.train_batch({}, loss_fn=lambda *a: None, loss_weight_fn=None)
 

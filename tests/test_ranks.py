@@ -245,6 +245,19 @@ def _two_actors(rank: int, world: int, model: str) -> dict:
     if rank == 1:
         actor.model.register_forward_hook(_nan_logits)
     seen["nan_theta"] = _raised(lambda: a3po_update(actor, trajs, version=K + 2))
+
+    # 5. The plugin's part of the loss fails on rank 1 only (a CUDA out-of-memory in π_prox or the audit,
+    #    say; planted in the plugin's own function): both ranks raise it after the minibatch, none waits.
+    import areal_a3po.loss as loss
+
+    actor.model._forward_hooks.clear()
+    trajs = stale_rollout(actor, _versions(rank), seed=rank).trajectories()
+    if rank == 1:
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (planted)")
+
+        loss.micro_batch_prox_logp = out_of_memory
+    seen["loss_error"] = _raised(lambda: a3po_update(actor, trajs, version=K + 3))
     return seen
 
 
@@ -269,6 +282,7 @@ def test_two_fsdp_ranks_with_different_shards_decide_raise_and_log_as_one(tiny_m
 
     # 1. AReaL's export over the dp group went through and both ranks hold the same numbers: the
     #    audit's keys are the same on both ranks although their staleness sets differ.
+    assert all(isinstance(s, dict) for s in seen), seen
     stats = seen[0]["stats"]
     assert stats == seen[1]["stats"]
     a = "ppo_actor/update/a3po/audit/"
@@ -307,3 +321,7 @@ def test_two_fsdp_ranks_with_different_shards_decide_raise_and_log_as_one(tiny_m
     assert seen[0]["nan_theta"] == seen[1]["nan_theta"]
     assert seen[0]["nan_theta"].type == "FloatingPointError"
     assert "in minibatch 0: the model has diverged" in seen[0]["nan_theta"].message
+
+    # 5. The plugin's part of the loss failed on rank 1 only: the same error on both ranks, its own type.
+    assert seen[0]["loss_error"] == seen[1]["loss_error"] == Raised(
+        "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB (planted) [rank 1 of 2; every rank stops]")
