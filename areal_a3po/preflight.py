@@ -6,6 +6,10 @@ point prints it and exits 2 before anything starts. Per server (``rollout.backen
 - vLLM: importable by this interpreter, the 0.19 series (AReaL's server module is written against
   it); with vLLM's CPU build, ``vllm.worker_extension_cls`` must be the plugin's
   (``areal_a3po.vllm_cpu``).
+- SGLang (``preflight_sglang``): importable by this interpreter, the version AReaL pins in its
+  ``sglang`` extra; on a machine without CUDA, SGLang's CPU engine selected for the server
+  (``SGLANG_USE_CPU_ENGINE=1`` in the rollout's env_vars), an attention backend that runs on CPU, and
+  a ``sglang.mem_fraction_static`` that leaves the host's memory to the trainer.
 
 ``server_path(environ)`` is the ``PATH`` under which the server, which AReaL launches as ``python3``
 looked up on ``PATH`` (its workers run ``sys.executable``), runs this interpreter: run as
@@ -22,7 +26,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-__all__ = ["CPU_WORKER_EXTENSION", "VLLM_SERIES", "PreflightError", "preflight", "server_path"]
+__all__ = ["CPU_WORKER_EXTENSION", "VLLM_SERIES", "PreflightError", "areal_sglang_pin", "preflight", "preflight_sglang", "server_path"]
 
 #: The worker extension vLLM's CPU build needs for AReaL's in-place weight reload.
 CPU_WORKER_EXTENSION = "areal_a3po.vllm_cpu.CPUWorkerExtension"
@@ -42,6 +46,8 @@ def preflight(config: Any) -> None:
     backend = str(config.rollout.backend or "")
     if backend.startswith("vllm"):
         _vllm(config, backend)
+    elif backend.startswith("sglang"):
+        preflight_sglang(config, backend)
 
 
 def _version(dist: str) -> str | None:
@@ -72,6 +78,73 @@ def _vllm(config: Any, backend: str) -> None:
             "weight update would fail ('Attempted to load weight ... into parameter (torch.Size([0]))'). "
             f"Set vllm.worker_extension_cls={CPU_WORKER_EXTENSION} (configs/cpu_tiny.yaml does)."
         )
+
+
+#: SGLang's attention backends that run on its CPU engine (``intel_amx`` falls back to torch_native without AMX).
+SGLANG_CPU_ATTENTION = ("torch_native", "intel_amx")
+#: Above this ``sglang.mem_fraction_static`` a CPU server's KV cache takes most of the host's available memory.
+SGLANG_CPU_MAX_MEM_FRACTION = 0.5
+
+
+def areal_sglang_pin() -> str | None:
+    """The SGLang version AReaL pins in its ``sglang`` extra (``sglang[tracing]==0.5.10.post1`` in 1.0.4 and 2.0.0)."""
+    import re
+
+    for req in metadata.requires("areal") or ():
+        found = re.match(r"\s*sglang(\[[^]]*\])?\s*==\s*([^\s;,]+)", req)
+        if found:
+            return found.group(2)
+    return None
+
+
+def preflight_sglang(config: Any, backend: str, environ=os.environ, cuda: bool | None = None) -> None:
+    """``rollout.backend: sglang...`` (see the module); ``cuda`` None: ``torch.cuda.is_available()``."""
+    if importlib.util.find_spec("sglang") is None:
+        raise PreflightError(
+            f"rollout.backend={backend!r} needs SGLang, which {sys.executable} cannot import. On a CPU-only machine "
+            "run with the SGLang venv (`make install-sglang` builds .venv-sglang: .venv-sglang/bin/python -m ...); "
+            f"on GPUs install AReaL's SGLang (sglang=={areal_sglang_pin() or '?'})."
+        )
+    pin, version = areal_sglang_pin(), _version("sglang")
+    if pin and version != pin:
+        raise PreflightError(
+            f"rollout.backend={backend!r}: the installed SGLang is {version}, but AReaL {_version('areal')} is "
+            f"written against sglang=={pin} (its `sglang` extra). Install sglang=={pin}."
+        )
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return
+    from areal_a3po.sglang_cpu import CPU_ENGINE_ENV
+    from areal_a3po.trainer import sglang_cpu_engine
+
+    problems = []
+    if not sglang_cpu_engine(config.rollout, environ):
+        problems.append(
+            f"no CUDA device here, and SGLang's CPU engine is not selected: the server would stop at start with 'No "
+            f"accelerator ... is available' (and AReaL would wait rollout.setup_timeout for it). Set {CPU_ENGINE_ENV}: "
+            '"1" in rollout.scheduling_spec[0].env_vars (configs/cpu_tiny_sglang.yaml does).'
+        )
+    attention = config.sglang.attention_backend
+    if attention not in SGLANG_CPU_ATTENTION:
+        problems.append(
+            f"sglang.attention_backend={attention!r} needs a GPU (AReaL's default is fa3; on CPU the server stops at "
+            "'Found no NVIDIA driver'). Set sglang.attention_backend=torch_native."
+        )
+    fraction = config.sglang.mem_fraction_static
+    if fraction is None or fraction > SGLANG_CPU_MAX_MEM_FRACTION:
+        import psutil
+
+        gb = psutil.virtual_memory().available / 2**30
+        problems.append(
+            f"sglang.mem_fraction_static={fraction}: on CPU SGLang's KV cache takes that share of the host's available "
+            f"memory (about {(fraction or 0.9) * gb:.0f} of {gb:.0f} GB here), leaving too little for the trainer. "
+            "Set it to a few hundredths (0.05 in configs/cpu_tiny_sglang.yaml)."
+        )
+    if problems:
+        raise PreflightError(f"rollout.backend={backend!r} on a CPU-only machine:\n  - " + "\n  - ".join(problems))
 
 
 def server_path(environ=os.environ) -> str | None:

@@ -159,6 +159,13 @@ class A3POTrainer(PPOTrainer):
         # start and stop (about 12 s on a 2-core machine) and a process for the whole run; skip it.
         if is_eval and self.config.valid_dataset is None:
             return None
+        if self.rollout_alloc.backend == "sglang" and sglang_cpu_engine(rollout_config):
+            # AReaL picks RemoteSGLangEngine by that name in this method; on SGLang's CPU engine the
+            # rollout worker must import the plugin's (its server launch installs sgl_kernel's stand-in).
+            from areal_a3po.sglang_engine import A3POSGLangEngine
+
+            with replaced("trainer's sglang engine", A3POSGLangEngine):
+                return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
         return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
 
     def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
@@ -172,3 +179,18 @@ class A3POTrainer(PPOTrainer):
             actor = actor_cls(config=actor_config)
         actor.create_process_group(parallel_strategy=alloc.parallel)
         return actor
+
+
+def sglang_cpu_engine(rollout_config, environ=None) -> bool:
+    """Whether the rollout's SGLang server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1`` in
+    ``rollout.scheduling_spec[0].env_vars`` (what the worker and its server get) or, where that does not
+    say, in this process's environment (which AReaL's local scheduler passes on)."""
+    import os
+
+    from areal_a3po.sglang_cpu import CPU_ENGINE_ENV, cpu_engine_requested
+
+    specs = getattr(rollout_config, "scheduling_spec", None) or ()
+    env = dict(getattr(specs[0], "env_vars", None) or {}) if specs else {}
+    if CPU_ENGINE_ENV in env:
+        return cpu_engine_requested(env)
+    return cpu_engine_requested(os.environ if environ is None else environ)
