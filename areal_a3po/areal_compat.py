@@ -120,15 +120,21 @@ PRIVATE_NAMES = {
     "init rollout": PrivateName(
         "areal.trainer.rl_trainer", "PPOTrainer._init_rollout",
         "skip the evaluation rollout of a run without valid_dataset (areal_a3po.trainer)"),
+    "trainer's vllm engine": PrivateName(
+        "areal.trainer.rl_trainer", "RemotevLLMEngine",
+        "hand AReaL the plugin's vLLM rollout engine (areal_a3po.rollout_engines)"),
     "trainer's sglang engine": PrivateName(
         "areal.trainer.rl_trainer", "RemoteSGLangEngine",
-        "have the rollout worker launch SGLang on its CPU engine through areal_a3po.sglang_cpu (areal_a3po.trainer)"),
+        "hand AReaL the plugin's SGLang rollout engine (areal_a3po.rollout_engines)"),
+    "vllm engine's engine": PrivateName(
+        "areal.engine.vllm_remote", "RemotevLLMEngine._engine",
+        "put the plugin's RemoteInfEngine inside AReaL's vLLM engine (areal_a3po.rollout_engines)", instance=True),
     "sglang engine's engine": PrivateName(
         "areal.engine.sglang_remote", "RemoteSGLangEngine._engine",
-        "give AReaL's SGLang engine the plugin's backend on SGLang's CPU engine (areal_a3po.sglang_engine)", instance=True),
-    "engine's backend": PrivateName(
-        "areal.infra.remote_inf_engine", "RemoteInfEngine.backend",
-        "give AReaL's SGLang engine the plugin's backend on SGLang's CPU engine (areal_a3po.sglang_engine)", instance=True),
+        "put the plugin's RemoteInfEngine inside AReaL's SGLang engine (areal_a3po.rollout_engines)", instance=True),
+    "wait for server": PrivateName(
+        "areal.infra.remote_inf_engine", "RemoteInfEngine._wait_for_server",
+        "end the wait for a server whose process exited (areal_a3po.rollout_engines)"),
     "trainer's data controller": PrivateName(
         "areal.trainer.rl_trainer", "DataController",
         "start AReaL's data service with the plugin's bounded wait (areal_a3po.trainer)"),

@@ -14,6 +14,7 @@ whether a recover checkpoint can pick the run up (not when it never started).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 __all__ = [
@@ -81,7 +82,43 @@ def of_start(exc: BaseException, config: Any, servers: list[str] | None) -> RunF
     call = find_cause(exc, EngineCallError)
     if call is not None and call.method == "launch_server":
         return ServerLaunchError(_server_launch_message(config, call))
-    return from_rpc_error(exc, servers)
+    failure = from_rpc_error(exc, servers)
+    if failure is not None:
+        reason = server_log_reason(rollout_log(config))
+        if reason:
+            failure = type(failure)(f"{failure} The server's log ends with: {reason}")
+    return failure
+
+
+#: How a line of a Python traceback's last line, or a server's own error line, starts.
+_ERROR_LINE = re.compile(r"^(?:[\w.]*(?:Error|Exception|Exit)\b[^:]*: |.*\bERROR\b.*?: )(.+)$")
+
+
+def rollout_log(config: Any) -> str:
+    """The log of the rollout workers and the servers they launched (AReaL's ``rollout.log``)."""
+    from areal.utils.stats_logger import StatsLogger
+
+    return os.path.join(StatsLogger.get_log_path(config.stats_logger), "rollout.log")
+
+
+def server_log_reason(path: str, lines: int = 400) -> str | None:
+    """The server's own reason in its log: the last error line among the last ``lines`` lines of
+    ``path`` (a traceback's last line, ``RuntimeError: Not enough memory...``, or a line logged at
+    ERROR); None when there is no such line or no log."""
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return None
+    for line in reversed(tail):
+        text = _strip_ansi(line).strip()
+        if _ERROR_LINE.match(text):
+            return text[:400]
+    return None
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def of_run(exc: BaseException, scheduler: Any, watch: Any) -> RunFailure | None:
@@ -151,15 +188,14 @@ def _worker_message(exc: BaseException) -> str:
 
 
 def _server_launch_message(config: Any, call: BaseException) -> str:
-    from areal.utils.stats_logger import StatsLogger
-
     from areal_a3po.servers import server_kind
 
-    kind = server_kind(config.rollout.backend)
-    logs = StatsLogger.get_log_path(config.stats_logger)
+    kind, log = server_kind(config.rollout.backend), rollout_log(config)
+    reason = server_log_reason(log)
+    said = f" Its log ends with: {reason}" if reason else ""
     return (
-        f"the inference server ({kind.name}, rollout.backend={config.rollout.backend}) did not come up within "
-        f"rollout.setup_timeout={config.rollout.setup_timeout:g} s ({call.reason}). Its output is in "
-        f"{os.path.join(logs, 'rollout.log')}. If it was still loading, raise rollout.setup_timeout; "
-        f"if it failed, that log says why ({kind.launch_hint}). The run's workers and server have been stopped."
+        f"the inference server ({kind.name}, rollout.backend={config.rollout.backend}) did not come up "
+        f"({' '.join(str(call.reason).split())[:300]}).{said} Its output is in {log}. If it was still loading, raise "
+        f"rollout.setup_timeout (now {config.rollout.setup_timeout:g} s); if it failed, that log says why "
+        f"({kind.launch_hint}). The run's workers and server have been stopped."
     )

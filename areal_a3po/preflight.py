@@ -26,7 +26,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-__all__ = ["CPU_WORKER_EXTENSION", "VLLM_SERIES", "PreflightError", "areal_sglang_pin", "preflight", "preflight_sglang", "server_path"]
+__all__ = ["CPU_WORKER_EXTENSION", "VLLM_SERIES", "PreflightError", "areal_sglang_pin", "check_sglang_version", "preflight", "preflight_sglang", "server_path"]
 
 #: The worker extension vLLM's CPU build needs for AReaL's in-place weight reload.
 CPU_WORKER_EXTENSION = "areal_a3po.vllm_cpu.CPUWorkerExtension"
@@ -97,6 +97,16 @@ def areal_sglang_pin() -> str | None:
     return None
 
 
+def check_sglang_version(installed: str | None, pin: str | None, areal_version: str | None, backend: str = "sglang") -> None:
+    """``PreflightError`` when the installed SGLang is not the one AReaL pins (its server module is written
+    against that release)."""
+    if pin and installed != pin:
+        raise PreflightError(
+            f"rollout.backend={backend!r}: the installed SGLang is {installed}, but AReaL {areal_version} is "
+            f"written against sglang=={pin} (its `sglang` extra). Install sglang=={pin}."
+        )
+
+
 def preflight_sglang(config: Any, backend: str, environ=os.environ, cuda: bool | None = None) -> None:
     """``rollout.backend: sglang...`` (see the module); ``cuda`` None: ``torch.cuda.is_available()``."""
     if importlib.util.find_spec("sglang") is None:
@@ -105,23 +115,17 @@ def preflight_sglang(config: Any, backend: str, environ=os.environ, cuda: bool |
             "run with the SGLang venv (`make install-sglang` builds .venv-sglang: .venv-sglang/bin/python -m ...); "
             f"on GPUs install AReaL's SGLang (sglang=={areal_sglang_pin() or '?'})."
         )
-    pin, version = areal_sglang_pin(), _version("sglang")
-    if pin and version != pin:
-        raise PreflightError(
-            f"rollout.backend={backend!r}: the installed SGLang is {version}, but AReaL {_version('areal')} is "
-            f"written against sglang=={pin} (its `sglang` extra). Install sglang=={pin}."
-        )
+    check_sglang_version(_version("sglang"), areal_sglang_pin(), _version("areal"), backend=backend)
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
     if cuda:
         return
-    from areal_a3po.sglang_cpu import CPU_ENGINE_ENV
-    from areal_a3po.trainer import sglang_cpu_engine
+    from areal_a3po.sglang_cpu import CPU_ENGINE_ENV, rollout_cpu_engine
 
     problems = []
-    if not sglang_cpu_engine(config.rollout, environ):
+    if not rollout_cpu_engine(config.rollout, environ):
         problems.append(
             f"no CUDA device here, and SGLang's CPU engine is not selected: the server would stop at start with 'No "
             f"accelerator ... is available' (and AReaL would wait rollout.setup_timeout for it). Set {CPU_ENGINE_ENV}: "

@@ -13,10 +13,13 @@ AReaL's own requests). A server that has not answered with a status below 500 fo
 the message naming it, and the watch ends the run:
 
 - single controller (AReaL's default): ``InferenceServerLost`` is raised in the main thread, by a
-  signal (``WATCH_SIGNAL``) so that a blocking wait there returns; the entry point stops every process
-  and exits 1. The watch's signal handler is installed while the watch runs and the previous one is
-  restored after; a ``WATCH_SIGNAL`` that is not the watch's (Slurm's ``--signal=USR1`` preemption
-  notice) goes to the previous handler;
+  signal (``WATCH_SIGNAL``) so that a blocking wait there returns, and raised again every
+  ``interval`` until the watch is stopped (``A3POTrainer``'s teardown stops it): where it lands in
+  code that swallows it (aiohttp turns an exception raised in its ``data_received`` into a
+  ``ClientPayloadError``, which AReaL's RPC retries), the next one ends the run. The entry point then
+  stops every process and exits 1. The watch's signal handler is installed while the watch runs and the
+  previous one is restored after; a ``WATCH_SIGNAL`` that is not the watch's (Slurm's
+  ``--signal=USR1`` preemption notice) goes to the previous handler;
 - SPMD mode (every trainer rank runs the script and watches the servers): the rank prints the message
   and exits with status 1 at once. A rank blocked in a collective cannot run a Python signal handler
   until the collective returns, and one rank leaving alone would leave the others waiting in theirs;
@@ -134,9 +137,15 @@ class ServerWatch:
                         f"to {self.probe_path} for {now - last_ok[address]:.0f} s, {HEALTH_KEY}={self.timeout:g}). "
                         "Its log is rollout.log in AReaL's log folder."
                     )
-                    self._stop.set()
-                    self.on_lost(self.lost)
+                    self._report()
                     return
+
+    def _report(self) -> None:
+        """``on_lost(lost)``; in the main thread, again every ``interval`` until ``stop`` (the first may land
+        where it is swallowed)."""
+        self.on_lost(self.lost)
+        while self._interrupt is not None and not self._stop.wait(self.interval):
+            self.on_lost(self.lost)
 
 
 class _MainThreadInterrupt:
@@ -164,7 +173,9 @@ class _MainThreadInterrupt:
 
     def _handle(self, signum, frame) -> None:
         if self._pending:
-            raise InferenceServerLost(self._pending.pop())
+            message = self._pending[-1]
+            self._pending.clear()
+            raise InferenceServerLost(message)
         previous = self._previous
         if callable(previous):
             previous(signum, frame)

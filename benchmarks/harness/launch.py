@@ -197,9 +197,12 @@ def _arg(argv: list[str], flag: str) -> str | None:
 
 
 def inference_server(proc: psutil.Process, root_pid: int) -> bool:
-    """Matches the run's vLLM server (AReaL's ``areal_vllm_server``, started by the rollout worker)."""
-    argv = proc.cmdline()
-    return any("areal_vllm_server" in a for a in argv) and "rpc_server" not in " ".join(argv)
+    """Matches the run's inference server, started by the rollout worker: vLLM's (AReaL's
+    ``areal_vllm_server``) or SGLang's HTTP process (AReaL's ``...sglang.launch_server`` module, run
+    through ``areal_a3po.sglang_cpu`` on CPU; its scheduler exits with it)."""
+    argv = " ".join(proc.cmdline())
+    server = "areal_vllm_server" in argv or "sglang.launch_server" in argv
+    return server and "rpc_server" not in argv and "multiprocessing" not in argv
 
 
 def controller(proc: psutil.Process, root_pid: int) -> bool:
