@@ -275,9 +275,10 @@ class A3POInferenceEngineConfig(InferenceEngineConfig):
     server_health_timeout: float = field(
         default=DEFAULT_HEALTH_TIMEOUT,
         metadata={
-            "help": "Seconds an inference server may go without answering /health (refused, no answer, a 5xx) "
-            "during the run before the run stops with an error naming it (exit 1, every process stopped). "
-            "AReaL 1.0.4 does not notice a dead server: its trainer waits for rollouts for ever. 0 = no watch."
+            "help": "Seconds an inference server may go without answering (vLLM: /health, SGLang: /server_info; "
+            "refused, no answer, a 5xx) during the run before the run stops with an error naming it (exit 1, the "
+            "run's processes stopped). AReaL (1.0.4, 2.0.0) does not notice a dead server: its trainer waits for "
+            "rollouts for ever. 0 = no watch."
         },
     )
 

@@ -1,22 +1,20 @@
-"""Free ports that differ between runs: AReaL's port search gets a random stream of its own.
+"""Free ports that differ between runs: AReaL's free-port search gets a random stream of its own.
 
-AReaL 1.0.4 is wrong for us here. ``areal.utils.network.find_free_ports`` draws candidate ports
-from the global ``random`` module, which AReaL's controller and every worker seed with
-``config.seed`` (``seeding.set_random_seed(config.seed, key=f"{role}{rank}")``). So every run with
-the same seed probes the same ports in the same order: with ``seed: 1`` the trainer workers get
-13413 and 26594, and the rollout worker starts its vLLM server on 32735, run after run. A port
-that is probed free is bound only later (a vLLM server binds about a minute after the probe on a
-CPU, several minutes on a busy machine), so two experiments with the same seed started together on
-one host both pick it. vLLM binds its API socket with ``SO_REUSEPORT``: both servers then listen
-on the same port and the kernel splits the connections between them, so each run's rollouts and
-weight updates go partly to the other run's server, silently. A worker's RPC port (no
-``SO_REUSEPORT``) fails instead ("Address already in use"; seen with two test runs side by side).
+After ``use_private_port_stream()``, ``areal.utils.network.find_free_ports`` in this process draws its
+candidate ports from a ``random.Random`` seeded by the OS. So:
 
-``use_private_port_stream()`` gives AReaL's network module a ``random.Random`` of its own, seeded by
-the OS: the ports differ between runs, and the global ``random`` stream that the experiment's seed
-makes reproducible is no longer consumed by port probes. The module that reads the experiment's
-config calls it (``areal_a3po.config``), so it takes effect in the controller and in every worker
-that receives the config, before any port is chosen.
+- two runs started with the same ``config.seed`` probe different ports;
+- the global ``random`` stream, which AReaL seeds with ``config.seed`` to make the experiment
+  reproducible, is not consumed by port probes.
+
+Why AReaL needs it: AReaL draws candidate ports from the global ``random``, seeded with
+``config.seed`` in its controller and in every worker, so runs with one seed probe the same ports in
+the same order. A port probed free is bound only later, so two such runs on one host can both pick
+it; vLLM binds with ``SO_REUSEPORT``, and two servers then share one port without an error
+(docs/areal-defects.md, defect 3).
+
+``areal_a3po.config`` calls it at import: it takes effect in the controller and in every AReaL worker
+that reads the experiment's config, before any port is chosen. Calling it again changes nothing.
 """
 
 from __future__ import annotations
