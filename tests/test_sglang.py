@@ -51,6 +51,8 @@ from areal_a3po.server_watch import ServerWatch, health
 from areal_a3po.servers import server_kind
 from benchmarks.harness.launch import inference_server, launch
 
+pytestmark = pytest.mark.sglang
+
 U = "ppo_actor/update/"
 SGLANG = server_kind("sglang:d1p1t1")
 
