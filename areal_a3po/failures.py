@@ -90,8 +90,12 @@ def of_start(exc: BaseException, config: Any, servers: list[str] | None) -> RunF
     return failure
 
 
-#: How a line of a Python traceback's last line, or a server's own error line, starts.
-_ERROR_LINE = re.compile(r"^(?:[\w.]*(?:Error|Exception|Exit)\b[^:]*: |.*\bERROR\b.*?: )(.+)$")
+#: A traceback's last line (``RuntimeError: Not enough memory ...``), a line logged at ERROR, or one that
+#: says what failed and why (SGLang's ``Failed to initialize custom process group: <reason>``).
+_REASON = re.compile(r"^[\w.]*(?:Error|Exception)\b[^:\s]*: .+$|\b(?:ERROR|[Ee]rror|[Ff]ailed)\b.*?: .+$")
+#: Lines that are not the server's own: AReaL's log lines (its RPC reports the failure it saw) and the
+#: plugin's.
+_NOT_THE_SERVERS = ("(AReaL)", "areal_a3po", "Engine method ")
 
 
 def rollout_log(config: Any) -> str:
@@ -102,19 +106,16 @@ def rollout_log(config: Any) -> str:
 
 
 def server_log_reason(path: str, lines: int = 400) -> str | None:
-    """The server's own reason in its log: the last error line among the last ``lines`` lines of
-    ``path`` (a traceback's last line, ``RuntimeError: Not enough memory...``, or a line logged at
-    ERROR); None when there is no such line or no log."""
+    """The server's own reason in its log: the last line among the last ``lines`` lines of ``path`` that is
+    a traceback's last line (``RuntimeError: Not enough memory...``), logged at ERROR, or says what failed
+    and why, leaving out AReaL's and the plugin's own lines; None when there is none (or no log)."""
     try:
         with open(path, errors="replace") as f:
-            tail = f.readlines()[-lines:]
+            tail = [_strip_ansi(line).strip() for line in f.readlines()[-lines:]]
     except OSError:
         return None
-    for line in reversed(tail):
-        text = _strip_ansi(line).strip()
-        if _ERROR_LINE.match(text):
-            return text[:400]
-    return None
+    found = [line for line in tail if _REASON.search(line) and not any(mark in line for mark in _NOT_THE_SERVERS)]
+    return found[-1][:400] if found else None
 
 
 def _strip_ansi(text: str) -> str:

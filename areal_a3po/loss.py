@@ -194,11 +194,17 @@ def audit_micro_batch(approx, truth, theta_logp, input_data, a3po, position, cli
             old_logp=behave_logp.float(), logprobs=theta_logp.float(), versions=areal_versions,
             current_version=position.current_version, method="loglinear",
         )["loglinear"]
-    report = audit_report(AuditInputs(
+    record_audit(AuditInputs(
         approx=approx, others=others, truth=truth, behave=behave_logp, theta=theta_logp,
         advantages=input_data["advantages"], tokens=tokens, staleness=d, minibatch=position.minibatch,
         eps_clip=clip[0], eps_clip_higher=clip[1], staleness_limit=a3po.staleness_limit,
-    ))
+    ), step_audit)
+
+
+def record_audit(inputs: AuditInputs, step_audit: StepAudit | None) -> None:
+    """The audit of one micro-batch: ``a3po/audit/*`` logged, and the active method's share of the step's
+    totals (for the fallback)."""
+    report = audit_report(inputs)
     log_audit_report(report)
     if step_audit is not None:
         step_audit.totals.add(report.active, report.tokens)

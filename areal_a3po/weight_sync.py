@@ -121,14 +121,23 @@ def join_requests(engine: Any) -> Iterator[list]:
 
 
 def refusal(sent: list, wait: float = 15.0) -> str | None:
-    """The first error a server answered a join request with (waiting up to ``wait`` s for the answers)."""
+    """The first error a server answered a join request with (waiting up to ``wait`` s for the answers):
+    the HTTP status of AReaL's failed request where it carries one (its reason is in the server's log),
+    else the error's first 300 characters."""
+    import re
+
     for future in sent:
         try:
             future.result(timeout=wait)
         except concurrent.futures.TimeoutError:
             continue
         except Exception as exc:  # noqa: BLE001 - the server's answer, for the message
-            return " ".join(str(exc).split())[:500] or type(exc).__name__
+            text = " ".join(str(exc).split())
+            status = re.search(r"status=(\d+), message='([^']*)'", text)
+            if status:
+                endpoint = re.search(r"Endpoint: (\S+?)\.? ", text)
+                return f"HTTP {status[1]} {status[2]}" + (f" to {endpoint[1]}" if endpoint else "")
+            return text[:300] or type(exc).__name__
     return None
 
 

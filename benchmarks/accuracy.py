@@ -105,11 +105,11 @@ def audited_inputs():
 
     Yields a list that fills with one dict per audited micro-batch: ``minibatch`` j, ``behave``,
     ``theta`` (detached), ``truth`` (recomputed π_prox), ``tokens`` (the audited ones), ``advantages``
-    and the clip ε's. Wraps ``areal_a3po.loss._audit`` for the duration of the ``with`` only.
+    and the clip ε's. Wraps ``areal_a3po.loss.record_audit`` for the duration of the ``with`` only.
     """
     from areal_a3po import loss as plugin
 
-    audit, seen = plugin._audit, []
+    audit, seen = plugin.record_audit, []
 
     def capture(inputs, step_audit):
         seen.append(dict(
@@ -119,7 +119,7 @@ def audited_inputs():
         ))
         return audit(inputs, step_audit)
 
-    with mock.patch.object(plugin, "_audit", capture):
+    with mock.patch.object(plugin, "record_audit", capture):
         yield seen
 
 

@@ -309,7 +309,7 @@ def test_a_server_that_refuses_the_weight_group_is_named_with_its_reason(sglang_
     kind, message, elapsed = run_ranks(_connect_refused, str(sglang_server.model), sglang_server.address, world=1, timeout=300)[0]
     assert kind == "WeightSyncError", message
     assert "did not join the trainer's weight-update group" in message and "actor.weight_update_group_timeout=5 s" in message
-    assert "The server answered the request to join:" in message and "400" in message
+    assert "The server answered the request to join:" in message and "400" in message, message
     assert elapsed < 60, elapsed  # within the bound (AReaL: 7200 s)
     # The controller (failures.of_start, with the run's rollout.log: the server's output) adds SGLang's reason.
     config = SimpleNamespace(stats_logger=StatsLoggerConfig(experiment_name="e", trial_name="t", fileroot=str(tmp_path)))

@@ -84,14 +84,29 @@ def test_the_server_gets_sleep_on_idle_unless_told_otherwise():
     assert sglang_cpu.server_argv(["--port", "1"], {sglang_cpu.SLEEP_ON_IDLE_ENV: "0"}) == ["--port", "1"]
 
 
+def _sglang_venv(code: str) -> subprocess.CompletedProcess:
+    """``code`` in SGLang's venv (``make install``), with SGLang's CPU engine selected."""
+    from helpers import SGLANG_PYTHON
+
+    assert SGLANG_PYTHON.exists(), f"{SGLANG_PYTHON} is missing: `make install` builds .venv-sglang"
+    environ = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(SGLANG_PYTHON), "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ,
+                          timeout=300, cwd=REPO)
+
+
+@pytest.mark.sglang
 def test_the_worker_launches_the_same_command_through_the_stand_in():
-    pytest.importorskip("areal.engine.sglang_remote")
-    from areal.api.cli_args import SGLangConfig
+    out = _sglang_venv("""
+        import json
+        from areal.api.cli_args import SGLangConfig
+        from areal_a3po.rollout_engines import server_command
+        args = SGLangConfig.build_args(SGLangConfig(model_path="/m", attention_backend="torch_native"), tp_size=1, base_gpu_id=0, port=9)
+        print(json.dumps([SGLangConfig.build_cmd_from_args(dict(args)), server_command(dict(args))]))
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
 
-    from areal_a3po.rollout_engines import server_command
-
-    args = SGLangConfig.build_args(SGLangConfig(model_path="/m", attention_backend="torch_native"), tp_size=1, base_gpu_id=0, port=9)
-    theirs, ours = SGLangConfig.build_cmd_from_args(dict(args)), server_command(dict(args))
+    theirs, ours = json.loads(out.stdout.splitlines()[-1])
     assert ours[:3] == ["python3", "-m", "areal_a3po.sglang_cpu"] and ours[3:] == theirs[2:]  # then AReaL's module
 
 
@@ -105,21 +120,20 @@ def test_the_cpu_engine_is_read_from_the_rollouts_env_vars_first():
     assert not sglang_cpu_engine(spec({}), environ={})
 
 
-@pytest.mark.integration
+@pytest.mark.sglang
 def test_sglangs_server_modules_import_on_this_cpu_with_the_stand_in():
-    pytest.importorskip("sglang")
-    out = _python("""
+    out = _sglang_venv("""
         import areal_a3po.sglang_cpu, sgl_kernel
         import sglang.srt.mem_cache.memory_pool_host
         from areal.experimental.inference_service.sglang import launch_server
         print(type(sgl_kernel.common_ops).__name__)
-    """, REPO, SGLANG_USE_CPU_ENGINE="1")
-    assert out.returncode == 0 and out.stdout.strip().endswith(("MissingKernelLibrary", "module")), out.stderr[-2000:]
+    """)
+    assert out.returncode == 0 and out.stdout.strip().endswith("MissingKernelLibrary"), out.stderr[-2000:]
 
 
-def _sglang_config(env: dict, attention: str = "torch_native", fraction: float | None = 0.05):
+def _sglang_config(env: dict):
     return SimpleNamespace(rollout=SimpleNamespace(scheduling_spec=[SimpleNamespace(env_vars=env)]),
-                           sglang=SimpleNamespace(attention_backend=attention, mem_fraction_static=fraction))
+                           sglang=SimpleNamespace(attention_backend="torch_native", mem_fraction_static=0.05))
 
 
 def test_areals_sglang_pin_is_read_from_its_metadata():
@@ -128,16 +142,24 @@ def test_areals_sglang_pin_is_read_from_its_metadata():
     assert areal_sglang_pin() == "0.5.10.post1"  # areal 1.0.4: sglang[tracing]==0.5.10.post1
 
 
+@pytest.mark.sglang
 def test_the_preflight_names_each_thing_sglang_lacks_on_a_cpu_only_machine():
-    pytest.importorskip("sglang")
-    from areal_a3po.preflight import PreflightError, preflight_sglang
-
-    preflight_sglang(_sglang_config({"SGLANG_USE_CPU_ENGINE": "1"}), "sglang:d1p1t1", environ={}, cuda=False)
-    preflight_sglang(_sglang_config({}, attention="fa3", fraction=0.9), "sglang:d1p1t1", environ={}, cuda=True)  # GPUs: AReaL's defaults
-    with pytest.raises(PreflightError) as raised:
-        preflight_sglang(_sglang_config({}, attention="fa3", fraction=0.9), "sglang:d1p1t1", environ={}, cuda=False)
-    text = str(raised.value)
-    assert "SGLANG_USE_CPU_ENGINE" in text and "sglang.attention_backend='fa3'" in text and "sglang.mem_fraction_static=0.9" in text
+    out = _sglang_venv("""
+        from types import SimpleNamespace
+        from areal_a3po.preflight import PreflightError, preflight_sglang
+        def config(env, attention="torch_native", fraction=0.05):
+            return SimpleNamespace(rollout=SimpleNamespace(scheduling_spec=[SimpleNamespace(env_vars=env)]),
+                                   sglang=SimpleNamespace(attention_backend=attention, mem_fraction_static=fraction))
+        preflight_sglang(config({"SGLANG_USE_CPU_ENGINE": "1"}), "sglang:d1p1t1", environ={}, cuda=False)
+        preflight_sglang(config({}, attention="fa3", fraction=0.9), "sglang:d1p1t1", environ={}, cuda=True)  # GPUs: AReaL's defaults
+        try:
+            preflight_sglang(config({}, attention="fa3", fraction=0.9), "sglang:d1p1t1", environ={}, cuda=False)
+        except PreflightError as exc:
+            print(str(exc).replace("\\n", " "))
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SGLANG_USE_CPU_ENGINE" in out.stdout and "sglang.attention_backend='fa3'" in out.stdout
+    assert "sglang.mem_fraction_static=0.9" in out.stdout
 
 
 def test_without_sglang_the_preflight_says_which_venv_has_it(monkeypatch):

@@ -83,8 +83,10 @@ def test_synthetic_mode_prepares_model_paths_data_and_reward(tmp_path):
     from benchmarks.harness.tasks import reward_fn
     from benchmarks.harness.train import inputs
 
+    # scheduler.type=slurm: the SGLang server of this GPU config runs on a cluster's nodes, where the preflight
+    # leaves it to them (here, without CUDA or SGLang, it would refuse the config, as it should).
     argv = ["--config", "configs/gsm8k_a3po_2gpu.yaml", f"cluster.fileroot={tmp_path}", "total_train_steps=3",
-            "++synthetic.model=tiny"]
+            "++synthetic.model=tiny", "scheduler.type=slurm"]
     run = inputs(argv)
     config, model_dir = run.config, str(tmp_path / "synthetic" / "tiny")
     assert config.actor.path == config.tokenizer_path == config.sglang.model_path == model_dir
