@@ -314,7 +314,7 @@ def test_a_server_that_refuses_the_weight_group_is_named_with_its_reason(sglang_
     # The controller (failures.of_start, with the run's rollout.log: the server's output) adds SGLang's reason.
     config = SimpleNamespace(stats_logger=StatsLoggerConfig(experiment_name="e", trial_name="t", fileroot=str(tmp_path)))
     log = Path(StatsLogger.get_log_path(config.stats_logger)) / "rollout.log"
-    log.parent.mkdir(parents=True)
+    log.parent.mkdir(parents=True, exist_ok=True)  # the ranks' own logs may have made it
     log.write_text(sglang_server.log.read_text(errors="replace"))
     named = failures.of_start(RuntimeError(f"Engine method 'connect_engine' failed: {message}"), config, [sglang_server.address])
     assert isinstance(named, WeightSyncError)
