@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.harness.launch import REPO, Run, launch, read_stats, without_spmd_env
+from benchmarks.harness.launch import REPO, Kill, Run, launch, read_stats, without_spmd_env
 
 CPU_TINY = REPO / "configs" / "cpu_tiny.yaml"
 CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
@@ -90,9 +90,14 @@ def train(
     for an SGLang config)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(python), *ENTRY, "--config", str(config), *experiment_overrides(workdir, trial), *overrides]
+    if kill_when is not None:
+        plan = Kill(kill_when, kill, kill_signal)
+    elif kill_after_step is not None:
+        plan = Kill.after_step(kill_after_step, kill, kill_signal)
+    else:
+        plan = None
     return launch(cmd, log_file=workdir / f"{trial}.out", stats=f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl",
-                  env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill_after_step=kill_after_step, kill_when=kill_when, kill=kill,
-                  kill_signal=kill_signal, timeout=timeout)
+                  env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill=plan, timeout=timeout)
 
 
 #: The variable ``no_orphans`` sets for the block: every process a run in it starts inherits it (AReaL's

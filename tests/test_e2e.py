@@ -170,14 +170,15 @@ def test_launch_kills_the_whole_run_after_the_step_and_reads_its_stats(tmp_path)
     import os
     import sys
 
-    from benchmarks.harness.launch import launch
+    from benchmarks.harness.launch import Kill, launch
 
     stats = tmp_path / "stats.jsonl"
     # the watched process starts a child of its own (as AReaL's controller does): killpg must reach both
     child = tmp_path / "child.pid"
     command = [sys.executable, "-c", f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
                f"open({str(child)!r}, 'w').write(str(p.pid)); exec({_WRITER!r})", str(stats)]
-    run = launch(command, log_file=tmp_path / "run.log", stats=tmp_path / "stats*.jsonl", kill_after_step=2, timeout=60)
+    run = launch(command, log_file=tmp_path / "run.log", stats=tmp_path / "stats*.jsonl", kill=Kill.after_step(2),
+                 timeout=60)
     assert run.killed and run.returncode == -9
     assert run.steps()[:3] == [0, 1, 2] and run.stats_file == stats
     assert run.output.startswith("$ " + sys.executable)
@@ -191,6 +192,75 @@ def test_launch_kills_the_whole_run_after_the_step_and_reads_its_stats(tmp_path)
             assert f.read().split()[2] == "Z", "the run's child survived the kill"
     except ProcessLookupError:
         pass
+
+
+# The run's controller starts a worker (a child whose command line says ``--role worker``) and writes a
+# stats row every 50 ms; it ends by itself (exit 3) once the worker is gone, as AReaL's controller does
+# when a worker dies; on SIGTERM it writes "controller: SIGTERM" and exits 143.
+_CONTROLLER = """
+import json, signal, subprocess, sys, time
+def stopped(signum, frame):
+    print("controller: SIGTERM", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stopped)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--role", "worker"])
+open(sys.argv[2], "w").write(str(worker.pid))
+for step in range(400):
+    with open(sys.argv[1], "a") as f:
+        f.write(json.dumps({"global_step": step, "wall_time": time.time()}) + "\\n")
+    if worker.poll() is not None:
+        print(f"controller: the worker ended ({worker.returncode})", flush=True)
+        sys.exit(3)
+    time.sleep(0.05)
+"""
+
+
+def _role_worker(proc, root_pid):
+    return "--role" in proc.cmdline() and proc.pid != root_pid
+
+
+def test_launch_signals_only_the_matching_processes_and_watches_the_run_end(tmp_path):
+    import os
+    import signal
+    import sys
+
+    from benchmarks.harness.launch import Kill, controller, launch
+
+    stats, pid = tmp_path / "stats.jsonl", tmp_path / "worker.pid"
+    command = [sys.executable, "-c", _CONTROLLER, str(stats), str(pid)]
+    # SIGKILL the worker once step 2 is committed: the controller is not signalled, sees it gone, ends with 3
+    run = launch(command, log_file=tmp_path / "worker.log", stats=stats, kill=Kill.after_step(2, _role_worker),
+                 timeout=60)
+    assert run.killed and run.returncode == 3 and run.output.splitlines()[-1] == "controller: the worker ended (-9)"
+    assert 2 in run.steps() and 0 <= run.ended_after_kill < 30
+    # kill_when and SIGTERM to the controller alone (what a scheduler sends): it ends by itself, and its worker
+    # (which this controller does not stop) is left running: no group kill after a run that ended by itself
+    stats.unlink()
+    try:
+        run = launch(command, log_file=tmp_path / "controller.log", stats=stats, timeout=60,
+                     kill=Kill(lambda rows: len(rows) >= 3, controller, signal.SIGTERM))
+        assert run.killed and run.returncode == 143 and run.output.splitlines()[-1] == "controller: SIGTERM"
+        os.kill(int(pid.read_text()), 0)  # the worker is alive
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGKILL)
+    # nothing killed when the condition never holds
+    stats.unlink()
+    run = launch([sys.executable, "-c", "print('done')"], log_file=tmp_path / "ok.log", stats=stats,
+                 kill=Kill.after_step(0, _role_worker))
+    assert not run.killed and run.ended_after_kill is None and run.returncode == 0
+
+
+def test_wait_until_polls_until_done_or_the_timeout():
+    import time
+
+    from benchmarks.harness.launch import wait_until
+
+    calls = []
+    assert wait_until(lambda: calls.append(1) or len(calls) == 3, timeout=None, interval=0.01) is True
+    assert len(calls) == 3
+    start = time.monotonic()
+    assert wait_until(lambda: False, timeout=0.2, interval=0.05) is False
+    assert 0.2 <= time.monotonic() - start < 2
 
 
 def test_launch_times_out_and_leaves_nothing(tmp_path):
