@@ -27,7 +27,7 @@ audit every ``AUDIT_INTERVAL`` steps; their timing leaves audited steps out).
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import statistics
 import sys
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import e2e_speedup as e2e
-from benchmarks.output import save
+from benchmarks import output
 
 #: The Setup-1 share: the recompute forward's share of the trainer's step for Qwen2.5-1.5B's shape
 #: on an H100 (``benchmarks.gpu_phases``, docs/results.md §3).
@@ -253,7 +253,7 @@ def plot(points: dict[str, dict], results: dict[str, dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
     parser.add_argument("--methods", nargs="+", choices=list(e2e.METHODS), default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="alternated repetitions per point (seeds 1..R)")
@@ -262,12 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="total_train_steps of every run (default: each point's)")
     parser.add_argument("--demo", action="store_true", help="make demo's defaults: " + ", ".join(f"{k}={v}" for k, v in DEMO.items()))
     parser.add_argument("--override", nargs="*", action="extend", default=[], help="extra Hydra overrides for every run")
-    parser.add_argument("--dry-run", action="store_true", help="load and validate every run's config, print the commands, run nothing")
     parser.add_argument("--from-json", nargs="+", help="read the runs from these files (written by --json) instead of running them")
     parser.add_argument("--logs", default=None, help="folder for each run's output (default: results/share-<time>)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", help="write every run and the summary to this file")
-    parser.add_argument("--plot", help="draw the saving against the share and the reward curves to this PNG")
+    output.output_options(parser, json="write every run and the summary to this file",
+                          plot="draw the saving against the share and the reward curves to this PNG",
+                          dry_run="load and validate every run's config, print the commands, run nothing")
     if "--demo" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**DEMO)  # the demo's settings, unless given (make demo ARGS="--steps 30")
     args = parser.parse_args(argv)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     points = summarize(results)
     print(format_table(points))
     out = dict(points=points, results=results, setup1_share=SETUP1_SHARE, paper_saving=PAPER_SAVING)
-    save(out, args.json, lambda path: plot(points, results, path), args.plot)
+    output.save(out, args, functools.partial(plot, points, results))
     return out
 
 
