@@ -319,16 +319,17 @@ def test_share_summary_by_hand(tmp_path, capsys):
     ])
     e2e_speedup.compare(runs)
     p = share.summarize(runs)["wide"]
-    assert p["recompute_share"] == dict(median=0.25, min=0.25, max=0.25, n=2)
-    a3po = p["methods"]["a3po-paper"]
-    assert a3po["time_saved"]["min"] == pytest.approx(0.20) and a3po["time_saved"]["max"] == pytest.approx(0.25)
-    assert a3po["kept"]["min"] == pytest.approx(0.80) and a3po["kept"]["max"] == pytest.approx(1.00)
-    assert a3po["time_saved"]["median"] == pytest.approx(0.225) and a3po["kept"]["median"] == pytest.approx(0.90)
+    assert p.recompute_share == e2e_speedup.Spread(median=0.25, min=0.25, max=0.25, n=2)
+    a3po = p.methods["a3po-paper"]
+    assert a3po.time_saved.min == pytest.approx(0.20) and a3po.time_saved.max == pytest.approx(0.25)
+    assert a3po.kept.min == pytest.approx(0.80) and a3po.kept.max == pytest.approx(1.00)
+    assert a3po.time_saved.median == pytest.approx(0.225) and a3po.kept.median == pytest.approx(0.90)
     # final rewards: recompute .5 and .3, a3po .4 and .4 -> per seed −.1 and +.1; seed spread .5 − .3 = .2
-    assert a3po["final_reward_vs_recompute"]["min"] == pytest.approx(-0.1) and a3po["final_reward_vs_recompute"]["max"] == pytest.approx(0.1)
-    assert p["seed_spread"] == pytest.approx(0.2)
+    diff = a3po.final_reward_vs_recompute
+    assert diff.min == pytest.approx(-0.1) and diff.max == pytest.approx(0.1)
+    assert p.seed_spread == pytest.approx(0.2)
     # train_step: recompute 10 − 2.5 − 1 = 6.5 and 8; a3po 7 and 8 -> 7/6.5 − 1 = +7.7% and 0%
-    assert a3po["train_step_vs_recompute"]["max"] == pytest.approx(7 / 6.5 - 1) and a3po["train_step_vs_recompute"]["min"] == 0.0
+    assert a3po.train_step_vs_recompute.max == pytest.approx(7 / 6.5 - 1) and a3po.train_step_vs_recompute.min == 0.0
     table = share.format_table({"wide": p})
     assert "22.5% [20.0%, 25.0%]" in table and "90.0% [80.0%, 100.0%]" in table
     share.plot({"wide": p}, runs, str(tmp_path / "share.png"))
@@ -337,12 +338,12 @@ def test_share_summary_by_hand(tmp_path, capsys):
     runs.update(dict([_share_run("wide", "recompute", 2, 10.0, 2.5, [0.0] * 5), _share_run("wide", "a3po-paper", 2, 8.0, 0.0, [0.9] * 5)]))
     e2e_speedup.compare(runs)
     p = share.summarize(runs)["wide"]
-    assert p["methods"]["a3po-paper"]["time_saved"]["n"] == 3 and p["methods"]["a3po-paper"]["final_reward"]["n"] == 2
+    assert p.methods["a3po-paper"].time_saved.n == 3 and p.methods["a3po-paper"].final_reward.n == 2
     # Runs merged from several points (``--from-json a.json b.json``) pair within their point: a 'tiny'
     # recompute run of repetition 0 (2 s a step) listed first changes nothing at 'wide'.
     merged = dict([_share_run("tiny", "recompute", 0, 2.0, 0.5, [0.0] * 15), *runs.items()])
     e2e_speedup.compare(merged)
-    assert share.summarize(merged)["wide"]["methods"]["a3po-paper"]["time_saved"] == p["methods"]["a3po-paper"]["time_saved"]
+    assert share.summarize(merged)["wide"].methods["a3po-paper"].time_saved == p.methods["a3po-paper"].time_saved
     # Tokens clipped: the mean over the steps that report AReaL's clip ratio, (0.1 + 0.3) / 2 = 0.2.
     assert share.clip_ratio({"rows": [{share.CLIP_KEY: 0.1}, {share.CLIP_KEY: 0.3}, {}]}) == pytest.approx(0.2)
     assert share.clip_ratio({"rows": []}) is None
