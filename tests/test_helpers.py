@@ -56,3 +56,24 @@ def test_run_ranks_collects_results_and_errors_and_ends_dead_and_hung_ranks():
         run_ranks(_rank, "hang", timeout=5)
     assert time.monotonic() - start < 60  # the hung rank was stopped (after its 10 s to end by itself), not awaited
     assert not multiprocessing.active_children()  # every rank ended and reaped by multiprocessing
+
+
+def test_train_passes_launch_what_to_kill_and_when(tmp_path, monkeypatch):
+    # The pipeline tests' calls, as launch receives them (nothing is run).
+    import signal
+
+    from benchmarks.harness.launch import Kill, controller, inference_server, worker
+
+    seen = []
+    monkeypatch.setattr(helpers, "launch", lambda cmd, **kwargs: seen.append(kwargs["kill"]))
+    helpers.train(tmp_path, "a", "total_train_steps=6", kill_after_step=1, kill=inference_server)
+    helpers.train(tmp_path, "b", kill_after_step=2)
+    stale = worker("actor", 1)
+    helpers.train(tmp_path, "c", kill_when=len, kill=stale)
+    helpers.train(tmp_path, "d", kill_when=len, kill=controller, kill_signal=signal.SIGTERM)
+    helpers.train(tmp_path, "e", kill=inference_server)  # no condition: nothing is killed
+    after_one, after_two, *rest = seen
+    assert (after_one.match, after_one.signum) == (inference_server, signal.SIGKILL)
+    assert after_one.when([{"global_step": 0}]) is False and after_one.when([{"global_step": 0}, {"global_step": 1}])
+    assert after_two.match is None and not after_two.when([{"global_step": 1}]) and after_two.when([{"global_step": 2}])
+    assert rest == [Kill(len, stale, signal.SIGKILL), Kill(len, controller, signal.SIGTERM), None]
