@@ -106,21 +106,23 @@ def audited_inputs():
 
     Yields a list that fills with one dict per audited micro-batch: ``minibatch`` j, ``behave``,
     ``theta`` (detached), ``truth`` (recomputed π_prox), ``tokens`` (the audited ones), ``advantages``
-    and the clip ε's. Wraps ``areal_a3po.loss._audit`` for the duration of the ``with`` only.
+    and the clip ε's. Wraps ``audit_report`` as ``areal_a3po.loss`` calls it (its ``AuditInputs``), for
+    the duration of the ``with`` only.
     """
     from areal_a3po import loss as plugin
 
-    audit, seen = plugin._audit, []
+    report, seen = plugin.audit_report, []
 
-    def capture(inputs, step_audit):
+    def capture(inputs):
         seen.append(dict(
             minibatch=inputs.minibatch, behave=inputs.behave.detach().clone(), theta=inputs.theta.detach().clone(),
-            truth=inputs.truth.detach().clone(), tokens=inputs.tokens.clone(), advantages=inputs.advantages.detach().clone(),
-            eps_clip=inputs.eps_clip, eps_clip_higher=inputs.eps_clip_higher,
+            truth=inputs.truth.detach().clone(), tokens=inputs.tokens.clone(),
+            advantages=inputs.advantages.detach().clone(), eps_clip=inputs.eps_clip,
+            eps_clip_higher=inputs.eps_clip_higher,
         ))
-        return audit(inputs, step_audit)
+        return report(inputs)
 
-    with mock.patch.object(plugin, "_audit", capture):
+    with mock.patch.object(plugin, "audit_report", capture):
         yield seen
 
 
