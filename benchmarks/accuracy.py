@@ -28,10 +28,10 @@ anchors' α.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -43,7 +43,8 @@ from areal_a3po.audit import token_errors
 from areal_a3po.proximal import ANCHORS, loglinear_interpolation
 from benchmarks.harness.loop import AUDIT_PREFIX
 from benchmarks.harness.tasks import digit_share
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import figure, table
 
 #: The approximations measured, label -> (interpolation of the actor that measures it, its stats
 #: prefix under ``a3po/audit/``): not variants of ``benchmarks.harness.variants``, rows of the audit.
@@ -114,8 +115,9 @@ def audited_inputs():
     def capture(inputs, step_audit):
         seen.append(dict(
             minibatch=inputs.minibatch, behave=inputs.behave.detach().clone(), theta=inputs.theta.detach().clone(),
-            truth=inputs.truth.detach().clone(), tokens=inputs.tokens.clone(), advantages=inputs.advantages.detach().clone(),
-            eps_clip=inputs.eps_clip, eps_clip_higher=inputs.eps_clip_higher,
+            truth=inputs.truth.detach().clone(), tokens=inputs.tokens.clone(),
+            advantages=inputs.advantages.detach().clone(), eps_clip=inputs.eps_clip,
+            eps_clip_higher=inputs.eps_clip_higher,
         ))
         return audit(inputs, step_audit)
 
@@ -290,31 +292,37 @@ def format_tables(result: dict) -> str:
     cells, K = result["cells"], result["settings"]["max_staleness"]
     lines = []
     for n, per_method in result["summary"]["by_minibatches"].items():
-        d_columns = "".join(f"{'d=' + str(d):>9}" for d in range(K + 1))
-        lines.append(f"\nppo_n_minibatches={n}: mean |Δ log π_prox| by staleness d")
-        lines.append(f"{'method':<26}" + d_columns + f"{'all':>10}{'max':>10}{'|Δ w|':>10}{'clip≠':>8}")
+        d_columns = [f"d={d}" for d in range(K + 1)]
+
+        def by_staleness(method: str, key: str) -> dict[int, float]:
+            return {c["staleness"]: c[key] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
+
+        errors = []
         for method, s in per_method.items():
-            row = {c["staleness"]: c["abs_error"] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
-            lines.append(
-                f"{method:<26}" + "".join(f"{row[d]:>9.1e}" for d in range(K + 1))
-                + f"{s['abs_error']:>10.2e}{s['max_abs_error']:>10.2e}{s['behave_weight_error']:>10.2e}{s['clip_disagreement']:>8.2%}"
-            )
-        lines.append(f"{'error ÷ oracle error':<26}" + d_columns + f"{'all':>10}")
+            row = by_staleness(method, "abs_error")
+            errors.append([method, *(f"{row[d]:.1e}" for d in range(K + 1)), f"{s['abs_error']:.2e}",
+                           f"{s['max_abs_error']:.2e}", f"{s['behave_weight_error']:.2e}",
+                           f"{s['clip_disagreement']:.2%}"])
+        ratios = []
         for method in APPROXIMATIONS:
-            row = {c["staleness"]: c["over_oracle"] for c in cells if c["minibatches"] == int(n) and c["method"] == method}
-            lines.append(f"{method:<26}" + "".join(f"{row[d]:>9.3g}" for d in range(K + 1)) + f"{per_method[method]['over_oracle']:>10.3g}")
+            row = by_staleness(method, "over_oracle")
+            ratios.append([method, *(f"{row[d]:.3g}" for d in range(K + 1)),
+                           f"{per_method[method]['over_oracle']:.3g}"])
+        alphas = per_method[ORACLE]["alpha_by_staleness"]
+        alpha_rows = [[f"j={j} {name}", *(f"{by_d[d][j] + 0.0:.3f}" for d in range(K + 1))]
+                      for j in range(int(n)) for name, by_d in alphas.items()]
+        lines.append(f"\nppo_n_minibatches={n}: mean |Δ log π_prox| by staleness d")
+        lines.append(table(errors, ["method", *d_columns, "all", "max", "|Δ w|", "clip≠"]))
+        lines.append(table(ratios, ["error ÷ oracle error", *d_columns, "all"]))
         if int(n) > 1:
-            lines.append(f"  by minibatch j (mean over d): " + "; ".join(
+            lines.append("  by minibatch j (mean over d): " + "; ".join(
                 f"{m}: " + " ".join(f"{e:.1e}" for e in s["by_minibatch"]) for m, s in per_method.items()
             ))
-            lines.append(f"  by minibatch j, error ÷ oracle error: " + "; ".join(
+            lines.append("  by minibatch j, error ÷ oracle error: " + "; ".join(
                 f"{m}: " + " ".join(f"{r:.3g}" for r in per_method[m]["over_oracle_by_minibatch"]) for m in APPROXIMATIONS
             ))
-        lines.append(f"{'α on π_behave, per j':<26}" + d_columns + "   (oracle: fitted to the truth; anchors: their formulas)")
-        alphas = per_method[ORACLE]["alpha_by_staleness"]
-        for j in range(int(n)):
-            for name, by_d in alphas.items():
-                lines.append(f"{f'j={j} {name}':<26}" + "".join(f"{by_d[d][j] + 0.0:>9.3f}" for d in range(K + 1)))
+        lines.append("α on π_behave (oracle: fitted to the truth; anchors: their formulas)")
+        lines.append(table(alpha_rows, ["per j", *d_columns]))
     overall = result["summary"]["overall"]
     lines.append(f"\noracle (one α per (n, d, j), fitted to the truth): mean |Δ log π_prox| over all (n, d) "
                  f"{overall['oracle_abs_error']:.2e}")
@@ -332,40 +340,38 @@ def format_tables(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """Top: error vs staleness, one line per method and the oracle (dashed). Bottom: the oracle's α
     per minibatch j (markers) and the recompute anchor's (dashed, same colour) and the paper's (grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = result["summary"]["by_minibatches"]
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey="row")
-    for col, n in enumerate(groups):
-        ax = axes[0][col]
-        for method in (*APPROXIMATIONS, ORACLE):
-            pts = sorted((c["staleness"], c["abs_error"]) for c in result["cells"] if c["minibatches"] == int(n) and c["method"] == method)
-            style = dict(color="black", ls="--") if method == ORACLE else {}
-            ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", ms=3, label=method, **style)
-        ax.set_yscale("log")
-        ax.set_title(f"ppo_n_minibatches={n}")
-        alphas = groups[n][ORACLE]["alpha_by_staleness"]
-        ax = axes[1][col]
-        ds = range(len(alphas[ORACLE]))
-        ax.plot(ds, [a[0] for a in alphas["anchor paper"]], color="grey", lw=1, label="anchor paper")
-        for j in range(int(n)):
-            line, = ax.plot(ds, [a[j] for a in alphas[ORACLE]], marker="o", ms=3, ls="none", label=f"oracle j={j}")
-            ax.plot(ds, [a[j] for a in alphas["anchor recompute"]], color=line.get_color(), ls="--", lw=1, label=f"anchor recompute j={j}")
-        ax.set_xlabel("staleness d = k − v")
-        ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("mean |Δ log π_prox| (floor 1e-9)")
-    axes[1][0].set_ylabel("α on π_behave")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey="row") as (_, axes):
+        for col, n in enumerate(groups):
+            _error_panel(axes[0][col], result["cells"], int(n))
+            _alpha_panel(axes[1][col], groups[n][ORACLE]["alpha_by_staleness"], int(n))
+        axes[0][0].set_ylabel("mean |Δ log π_prox| (floor 1e-9)")
+        axes[1][0].set_ylabel("α on π_behave")
+        axes[0][-1].legend(fontsize=7)
+
+
+def _error_panel(ax, cells: list[dict], n: int) -> None:
+    for method in (*APPROXIMATIONS, ORACLE):
+        pts = sorted((c["staleness"], c["abs_error"]) for c in cells if c["minibatches"] == n and c["method"] == method)
+        style = dict(color="black", ls="--") if method == ORACLE else {}
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", ms=3, label=method, **style)
+    ax.set_yscale("log")
+    ax.set_title(f"ppo_n_minibatches={n}")
+
+
+def _alpha_panel(ax, alphas: dict[str, list[list[float]]], n: int) -> None:
+    ds = range(len(alphas[ORACLE]))
+    ax.plot(ds, [a[0] for a in alphas["anchor paper"]], color="grey", lw=1, label="anchor paper")
+    for j in range(n):
+        line, = ax.plot(ds, [a[j] for a in alphas[ORACLE]], marker="o", ms=3, ls="none", label=f"oracle j={j}")
+        ax.plot(ds, [a[j] for a in alphas["anchor recompute"]], color=line.get_color(), ls="--", lw=1,
+                label=f"anchor recompute j={j}")
+    ax.set_xlabel("staleness d = k − v")
+    ax.legend(fontsize=6)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--max-staleness", type=int, default=8, help="K: staleness 0..K, trainer at version K")
     parser.add_argument("--minibatches", type=int, nargs="+", default=[1, 2, 4], help="ppo_n_minibatches values")
     parser.add_argument("--seqs", type=int, default=16, help="sequences per batch")
@@ -373,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=16, help="sampled response tokens per sequence")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write all figures to this file")
-    parser.add_argument("--plot", help="draw error vs staleness (one line per method) to this PNG")
+    output.output_options(parser, plot="draw error vs staleness (one line per method) to this PNG")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, lr=args.lr, seed=args.seed)
         result = run(settings, progress=bar.update)
     print(format_tables(result))
-    save(result, args.json, lambda path: plot(result, path), args.plot)
+    output.save(result, args, functools.partial(plot, result))
     return result
 
 

@@ -16,7 +16,6 @@ reported: the median step of each, their range, and loaded / idle. Needs 2 cores
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
@@ -25,7 +24,8 @@ import tempfile
 import time
 
 from benchmarks.harness.models import build_model
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import table
 
 TRAINER_CORE, SERVER_CORE = 1, 0
 DECODE_TOKENS = 24  # the wide and mid points' gconfig.max_new_tokens
@@ -109,24 +109,31 @@ def measure(shape: str, *, rounds: int, steps: int, seqs: int, seq_len: int) -> 
                 steps_each=len(times["idle"]), seqs=seqs, seq_len=seq_len)
 
 
+def format_table(results: list[dict]) -> str:
+    def seconds(r: dict, state: str) -> str:
+        low, high = r[f"{state}_range"]
+        return f"{r[f'{state}_seconds']:.3f} [{low:.3f}, {high:.3f}]"
+
+    rows = [[r["shape"], seconds(r, "idle"), seconds(r, "loaded"), f"{r['ratio']:.3f}"] for r in results]
+    return ("Trainer step on core 1 with core 0 idle and decoding (medians [min, max]):\n"
+            + table(rows, ["shape", "idle s", "loaded s", "loaded / idle"]))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--shapes", nargs="+", default=["cpu-mid", "cpu-wide"], help="model shapes (benchmarks/harness/shapes)")
     parser.add_argument("--rounds", type=int, default=8, help="alternations of idle and loaded")
     parser.add_argument("--steps", type=int, default=3, help="trainer steps per state and round")
     parser.add_argument("--seqs", type=int, default=32, help="sequences per step (8 prompts x 4 samples)")
     parser.add_argument("--seq-len", type=int, default=30, help="tokens per sequence (prompt and answer)")
-    parser.add_argument("--json")
+    output.output_options(parser)
     args = parser.parse_args(argv)
-    if len(os.sched_getaffinity(0)) < 2 or not {TRAINER_CORE, SERVER_CORE} <= os.sched_getaffinity(0):
-        parser.error(f"needs cores {SERVER_CORE} and {TRAINER_CORE}; this process may use {sorted(os.sched_getaffinity(0))}")
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2 or not {TRAINER_CORE, SERVER_CORE} <= cores:
+        parser.error(f"needs cores {SERVER_CORE} and {TRAINER_CORE}; this process may use {sorted(cores)}")
     results = [measure(s, rounds=args.rounds, steps=args.steps, seqs=args.seqs, seq_len=args.seq_len) for s in args.shapes]
-    print("Trainer step on core 1 with core 0 idle and decoding (medians [min, max]):")
-    print(f"{'shape':10s} {'idle s':>22s} {'loaded s':>22s} {'loaded / idle':>14s}")
-    for r in results:
-        print(f"{r['shape']:10s} {r['idle_seconds']:8.3f} [{r['idle_range'][0]:.3f}, {r['idle_range'][1]:.3f}] "
-              f"{r['loaded_seconds']:8.3f} [{r['loaded_range'][0]:.3f}, {r['loaded_range'][1]:.3f}] {r['ratio']:14.3f}")
-    save(results, args.json)
+    print(format_table(results))
+    output.save(results, args)
     return results
 
 

@@ -33,21 +33,27 @@ prompts and reward) and prints the commands it would run.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from benchmarks.harness.launch import launch, without_spmd_env
 from benchmarks.harness.variants import COMPARED, VARIANTS
 from benchmarks.harness.train import STATS_FILE
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import figure, table
 
 #: ``--methods``: the compared variants of the one registry, each as its Hydra overrides.
 METHODS = {name: VARIANTS[name].overrides() for name in COMPARED}
+#: AReaL's phases shown per method, in the order of a step.
+REPORTED_PHASES = ("rollout", "compute_advantage", "recompute_logp", "train_step", "update_weights")
 #: Figures reported by the paper's authors and by AReaL's docs, printed next to ours (not measured here).
 REPORTED = {
     "paper v1 abstract": "18% less training time",
@@ -105,7 +111,10 @@ def _first(row: dict, *patterns: str):
 AUDIT_KEY = "ppo_actor/update/a3po/audit/abs_error/avg"
 SEQ_LEN_KEY = "ppo_actor/seq_len/avg"  # prompt + generated tokens per sequence
 REWARD_KEYS = ("ppo_actor/task_reward/avg", "rollout/reward", "task_reward")
-_median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 def summarize_run(rows: list[dict], skip: int = 1) -> dict:
@@ -159,9 +168,30 @@ def compare(results: dict[str, dict]) -> dict:
     return results
 
 
-def _spread(xs: list[float]) -> dict | None:
-    xs = [x for x in xs if x is not None]
-    return dict(median=statistics.median(xs), min=min(xs), max=max(xs), n=len(xs)) if xs else None
+@dataclass(frozen=True)
+class Spread:
+    """The median and range of some figures over runs or pairs (the ``None`` among them left out)."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, xs: Iterable[float | None]) -> Spread | None:
+        """None when no figure is there."""
+        xs = [x for x in xs if x is not None]
+        return cls(statistics.median(xs), min(xs), max(xs), len(xs)) if xs else None
+
+    def format(self, spec: str, between: str = ", ") -> str:
+        """``median [min<between>max]``, each formatted with ``spec``."""
+        return f"{self.median:{spec}} [{self.min:{spec}}{between}{self.max:{spec}}]"
+
+
+def _spread(xs: list[float | None]) -> dict | None:
+    """``Spread.of(xs)`` as the JSON writes it."""
+    spread = Spread.of(xs)
+    return dataclasses.asdict(spread) if spread else None
 
 
 def aggregate(results: dict[str, dict]) -> dict[str, dict]:
@@ -194,74 +224,88 @@ def aggregate(results: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _fmt(x: float | None, spec: str) -> str:
+    return format(x, spec) if x is not None else "-"
+
+
+def _range(d: dict | None, spec: str) -> str:
+    """An aggregate's ``_spread`` as ``median [min-max]``."""
+    return Spread(**d).format(spec, between="-") if d else "-"
+
+
 def format_table(results: dict[str, dict], agg: dict[str, dict] | None = None) -> str:
     """Per run, then (with ``agg``) per method over repetitions: medians with [min–max]."""
-    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
-    lines = [f"{'run':<40}{'method':<17}{'s/step':>8}{'recompute':>10}{'train':>8}{'total s':>9}{'speedup':>9}"
-             f"{'kept':>7}{'reward':>15}{'audit':>9}"]
+    rows = []
     for name, r in results.items():
         s = r["summary"]
-        reward = f"{f(s['first_reward'], '.3f')}->{f(s['task_reward'], '.3f')}"
-        lines.append(
-            f"{name:<40}{r['method']:<17}{f(s['step_seconds'], '.3f'):>8}{f(s['recompute_logp_seconds'], '.3f'):>10}"
-            f"{f(s['train_step_seconds'], '.3f'):>8}{f(s['total_seconds'], '.0f'):>9}{f(r['speedup'], '.3f'):>9}"
-            f"{f(r.get('kept'), '.0%'):>7}{reward:>15}{f(s['audit_abs_error'], '.1e'):>9}"
-        )
+        rows.append([name, r["method"], _fmt(s["step_seconds"], ".3f"), _fmt(s["recompute_logp_seconds"], ".3f"),
+                     _fmt(s["train_step_seconds"], ".3f"), _fmt(s["total_seconds"], ".0f"), _fmt(r["speedup"], ".3f"),
+                     _fmt(r.get("kept"), ".0%"), f"{_fmt(s['first_reward'], '.3f')}->{_fmt(s['task_reward'], '.3f')}",
+                     _fmt(s["audit_abs_error"], ".1e")])
+    headers = ["run", "method", "s/step", "recompute", "train", "total s", "speedup", "kept", "reward", "audit"]
+    lines = [table(rows, headers, align="llrrrrrrrr")]
     if agg:
-        m = lambda d, spec: (f"{format(d['median'], spec)} [{format(d['min'], spec)}-{format(d['max'], spec)}]" if d else "-")  # noqa: E731
         lines += ["", "per method (median [min-max] over repetitions; step times after warm-up, audited steps left out):"]
         for key, a in agg.items():
-            phases = ", ".join(f"{p} {a['phases'][p]['median']:.3f}" for p in ("rollout", "compute_advantage", "recompute_logp",
-                               "train_step", "update_weights") if a["phases"].get(p))
-            lines.append(f"  {key}: {a['runs']} runs; s/step {m(a['step_seconds'], '.3f')}; total s {m(a['total_seconds'], '.0f')}")
+            phases = ", ".join(f"{p} {a['phases'][p]['median']:.3f}" for p in REPORTED_PHASES if a["phases"].get(p))
+            lines.append(f"  {key}: {a['runs']} runs; s/step {_range(a['step_seconds'], '.3f')}; "
+                         f"total s {_range(a['total_seconds'], '.0f')}")
             lines.append(f"    phases (s): {phases}")
             if a["method"] == "recompute" and a.get("recompute_share"):
-                lines.append(f"    recompute phase = {m(a['recompute_share'], '.1%')} of the step; the limit for any "
-                             f"method that drops it: {m(a['limit_ratio'], '.3f')} x the step")
+                lines.append(f"    recompute phase = {_range(a['recompute_share'], '.1%')} of the step; the limit for "
+                             f"any method that drops it: {_range(a['limit_ratio'], '.3f')} x the step")
             else:
-                lines.append(f"    speedup vs recompute {m(a['speedup'], '.3f')}x; time saved {m(a['time_saved'], '.1%')}; "
-                             f"share of the recompute phase kept {m(a['kept'], '.0%')}")
-            lines.append(f"    reward first step {m(a['first_reward'], '.3f')} -> last step {m(a['last_reward'], '.3f')}"
-                         + (f"; audited mean |d log pi_prox| {m(a['audit_abs_error'], '.2e')}" if a["audit_abs_error"] else ""))
+                lines.append(f"    speedup vs recompute {_range(a['speedup'], '.3f')}x; "
+                             f"time saved {_range(a['time_saved'], '.1%')}; "
+                             f"share of the recompute phase kept {_range(a['kept'], '.0%')}")
+            audit = ""
+            if a["audit_abs_error"]:
+                audit = f"; audited mean |d log pi_prox| {_range(a['audit_abs_error'], '.2e')}"
+            lines.append(f"    reward first step {_range(a['first_reward'], '.3f')} -> "
+                         f"last step {_range(a['last_reward'], '.3f')}{audit}")
     lines.append("reported elsewhere (not measured here): " + "; ".join(f"{k}: {v}" for k, v in REPORTED.items()))
     return "\n".join(lines)
+
+
+def method_color(method: str) -> str:
+    """A method's colour in every plot: matplotlib's cycle in ``METHODS`` order (any other method after them)."""
+    names = list(METHODS)
+    return f"C{(names.index(method) if method in names else len(names)) % 10}"
+
+
+def plot_rewards(by_step, by_time, runs: Iterable[tuple[str, list]], ylabel: str) -> None:
+    """Reward against the step (``by_step``) and against wall-clock seconds (``by_time``): one line per
+    run, given as (method, ``reward_curve``), a method's runs in its colour and named once."""
+    named = set()
+    for method, curve in runs:
+        curve = [c for c in curve if c[2] is not None]
+        if not curve:
+            continue
+        style = dict(color=method_color(method), alpha=0.75, lw=1, label=None if method in named else method)
+        named.add(method)
+        by_step.plot([c[0] for c in curve], [c[2] for c in curve], **style)
+        by_time.plot([c[1] for c in curve], [c[2] for c in curve], **style)
+    for ax, xlabel in ((by_step, "step"), (by_time, "wall-clock seconds since the first step")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
 
 
 def plot(results: dict[str, dict], path: str) -> None:
     """Left: median s per step, recompute_logp against the rest; middle and right: reward by step
     and by wall-clock second of each run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
-    fig, (ax, by_step, by_time) = plt.subplots(1, 3, figsize=(max(12, 1.2 * len(names) + 8), 3.8))
-    recompute = [results[n]["summary"]["recompute_logp_seconds"] or 0.0 for n in names]
-    rest = [max((results[n]["summary"]["step_seconds"] or 0.0) - c, 0.0) for n, c in zip(names, recompute)]
-    ax.bar(names, rest, label="rest of the step")
-    ax.bar(names, recompute, bottom=rest, label="recompute_logp")
-    ax.set_ylabel("median s per step")
-    ax.tick_params(axis="x", labelrotation=60, labelsize=6)
-    ax.legend(fontsize=7)
-    colors = {}
-    for n in names:
-        r = results[n]
-        curve = [c for c in r["summary"].get("reward_curve", []) if c[2] is not None]
-        if not curve:
-            continue
-        color = colors.setdefault(r["method"], f"C{len(colors)}")
-        label = r["method"] if r["method"] not in {l.get_label() for l in by_step.get_lines()} else None
-        by_step.plot([c[0] for c in curve], [c[2] for c in curve], color=color, alpha=0.7, label=label)
-        by_time.plot([c[1] for c in curve], [c[2] for c in curve], color=color, alpha=0.7)
-    by_step.set_xlabel("step")
-    by_time.set_xlabel("wall-clock s since the first step")
-    by_step.set_ylabel("rollout reward")
-    if by_step.get_lines():
-        by_step.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(max(12, 1.2 * len(names) + 8), 3.8)) as (_, (ax, by_step, by_time)):
+        recompute = [results[n]["summary"]["recompute_logp_seconds"] or 0.0 for n in names]
+        rest = [max((results[n]["summary"]["step_seconds"] or 0.0) - c, 0.0) for n, c in zip(names, recompute)]
+        ax.bar(names, rest, label="rest of the step")
+        ax.bar(names, recompute, bottom=rest, label="recompute_logp")
+        ax.set_ylabel("median s per step")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=6)
+        ax.legend(fontsize=7)
+        plot_rewards(by_step, by_time, [(r["method"], r["summary"].get("reward_curve", [])) for r in results.values()],
+                     "rollout reward")
 
 
 def execute(run: dict, out_dir: Path, steps: int, pin: bool, progress: bool = True) -> tuple[list[dict], dict]:
@@ -319,7 +363,7 @@ def dry_run(runs: list[dict], synthetic: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--configs", nargs="+", required=True, help="experiment YAMLs, run in this order")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run each config once per method")
     parser.add_argument("--steps", type=int, default=50, help="total_train_steps of each run")
@@ -329,12 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="controller on core 0 with one thread (with configs/cpu_tiny_pinned.yaml: server core 0, trainer core 1)")
     parser.add_argument("--synthetic", nargs="?", const="qwen2.5-1.5b", default=None, metavar="SHAPE",
                         help="random model of SHAPE (qwen2.5-1.5b, tiny, cpu-tiny) and synthetic prompts")
-    parser.add_argument("--dry-run", action="store_true", help="build and print, run nothing")
-    parser.add_argument("--override", nargs="*", action="extend", default=[], help="extra Hydra overrides for every run (repeatable)")
+    parser.add_argument("--override", nargs="*", action="extend", default=[],
+                        help="extra Hydra overrides for every run (repeatable)")
     parser.add_argument("--logs", default=None, help="folder for each run's output (default: results/e2e-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--json", help="write all figures to this file")
-    parser.add_argument("--plot", help="draw time per step and reward curves to this PNG")
+    output.output_options(parser, dry_run="build and print, run nothing",
+                          plot="draw time per step and reward curves to this PNG")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -364,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results, agg))
     out = dict(steps=args.steps, repeats=args.repeats, pin=args.pin, synthetic=args.synthetic, results=results,
                methods=agg, reported=REPORTED, logs=str(out_dir))
-    save(out, args.json, lambda path: plot(results, path), args.plot)
+    output.save(out, args, functools.partial(plot, results))
     return out
 
 

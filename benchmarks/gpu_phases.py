@@ -18,10 +18,11 @@ transformers, so it runs on any GPU box (AReaL's own loop on GPUs is ``benchmark
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
+
+from benchmarks import output
+from benchmarks.output import table
 
 
 def _timed(fn, sync) -> float:
@@ -99,27 +100,29 @@ def run(seqs: int = 8, seq_len: int = 2048, repeats: int = 10, warmup: int = 3, 
     return result
 
 
+def format_table(res: dict) -> str:
+    m, q = res["median_seconds"], res["iqr_seconds"]
+    rows = [[p, f"{m[p] * 1e3:.2f}", f"{q[p][0] * 1e3:.2f}-{q[p][1] * 1e3:.2f}"] for p in m]
+    lines = [f"{res['device']}, torch {res['torch']}, {res['shape']} ({res['parameters'] / 1e9:.2f}B), "
+             f"{res['seqs']} x {res['seq_len']} tokens, medians of {res['repeats']}:",
+             table(rows, ["phase", "median ms", "IQR ms"]),
+             f"recompute share of a recompute step: {res['recompute_share']:.1%}"]
+    lines += [f"{a}: +{x:.3%} of the limit (the step without recompute)" for a, x in res["a3po_over_limit"].items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shape in benchmarks/harness/shapes")
-    parser.add_argument("--json")
+    output.output_options(parser)
     args = parser.parse_args(argv)
     res = run(args.seqs, args.seq_len, args.repeats, device=args.device, shape=args.shape)
-    m, q = res["median_seconds"], res["iqr_seconds"]
-    print(f"{res['device']}, torch {res['torch']}, {res['shape']} ({res['parameters'] / 1e9:.2f}B), "
-          f"{res['seqs']} x {res['seq_len']} tokens, medians of {res['repeats']}:")
-    for p in m:
-        print(f"  {p:<16}{m[p] * 1e3:10.2f} ms   IQR {q[p][0] * 1e3:.2f}-{q[p][1] * 1e3:.2f}")
-    print(f"  recompute share of a recompute step: {res['recompute_share']:.1%}")
-    for a, x in res["a3po_over_limit"].items():
-        print(f"  {a}: +{x:.3%} of the limit (the step without recompute)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    print(format_table(res))
+    output.save(res, args)
     return res
 
 

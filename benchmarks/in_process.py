@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from benchmarks.harness import variants as registry
 from benchmarks.harness.loop import PHASES, StepRecord, after_warmup, by_lane, median_after_warmup
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import table
 
 AUDIT_KEYS = {  # demo name -> stats_tracker key (under ppo_actor/update/a3po/audit/)
     "abs_error": "abs_error/avg",
@@ -146,21 +147,19 @@ def summarize(records: Iterable[StepRecord]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}ms"
+
+
 def format_table(result: dict[str, Any]) -> str:
     summary = result["summary"]
     base = summary.get("recompute", {}).get("total")
-    lines = [
-        f"{'variant':<16}{'recompute_logp':>15}{'advantages':>12}{'update':>10}{'total':>10}{'vs recompute':>14}"
-        f"{'|Δlog π_prox|':>15}{'max':>9}{'|Δ weight|':>12}",
-    ]
-    for name, s in summary.items():
-        ratio = f"{s['total'] / base:.2f}x" if base else "-"
-        lines.append(
-            f"{name:<16}{s['recompute_logp'] * 1e3:>13.1f}ms{s['compute_advantage'] * 1e3:>10.1f}ms"
-            f"{s['train_step'] * 1e3:>8.1f}ms{s['total'] * 1e3:>8.1f}ms{ratio:>14}"
-            f"{s['abs_error']:>15.2e}{s['abs_error_max']:>9.2e}{s['behave_weight_error']:>12.2e}"
-        )
-    return "\n".join(lines)
+    rows = [[name, _ms(s["recompute_logp"]), _ms(s["compute_advantage"]), _ms(s["train_step"]), _ms(s["total"]),
+             f"{s['total'] / base:.2f}x" if base else "-", f"{s['abs_error']:.2e}", f"{s['abs_error_max']:.2e}",
+             f"{s['behave_weight_error']:.2e}"]
+            for name, s in summary.items()]
+    return table(rows, ["variant", "recompute_logp", "advantages", "update", "total", "vs recompute", "|Δlog π_prox|",
+                        "max", "|Δ weight|"])
 
 
 def format_savings(result: dict[str, Any]) -> str:
@@ -183,33 +182,28 @@ def format_savings(result: dict[str, Any]) -> str:
 def format_audit_table(result: dict[str, Any]) -> str:
     """The plugin's own audit (``--audit-interval``): errors on audited steps and their extra time."""
     n = result["settings"]["audit_interval"]
-    lines = [
-        f"{'variant':<16}{'audited':>8}{'|Δlog π|':>10}{'max':>9}{'|Δ weight|':>11}{'|Δ ratio|':>10}{'KL':>10}"
-        f"{'clip≠':>8}{'AReaL loglin':>14}{'plain step':>12}{'audited step':>14}{'extra':>8}",
-    ]
+    rows = []
     for name, s in result["summary"].items():
-        if "total_audited" not in s:
-            continue
-        extra = s["total_audited"] / s["total_plain"] - 1
-        lines.append(
-            f"{name:<16}{s['audited_steps']:>8}{s['abs_error']:>10.2e}{s['abs_error_max']:>9.2e}"
-            f"{s['behave_weight_error']:>11.2e}{s['ratio_error']:>10.2e}{s['kl']:>10.2e}{s['clip_disagreement']:>8.1%}"
-            f"{s['areal_loglinear_abs_error']:>14.2e}{s['total_plain'] * 1e3:>10.1f}ms{s['total_audited'] * 1e3:>12.1f}ms{extra:>+8.0%}"
-        )
-    lines.append(f"(audit every {n} steps: amortised extra cost = extra / {n})")
-    return "\n".join(lines)
+        if "total_audited" in s:
+            keys = ("abs_error", "abs_error_max", "behave_weight_error", "ratio_error", "kl")
+            errors = [f"{s[key]:.2e}" for key in keys]
+            rows.append([name, s["audited_steps"], *errors, f"{s['clip_disagreement']:.1%}",
+                         f"{s['areal_loglinear_abs_error']:.2e}", _ms(s["total_plain"]), _ms(s["total_audited"]),
+                         f"{s['total_audited'] / s['total_plain'] - 1:+.0%}"])
+    headers = ["variant", "audited", "|Δlog π|", "max", "|Δ weight|", "|Δ ratio|", "KL", "clip≠", "AReaL loglin",
+               "plain step", "audited step", "extra"]
+    return table(rows, headers) + f"\n(audit every {n} steps: amortised extra cost = extra / {n})"
 
 
 def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentParser:
     """The command-line options of ``Settings`` (shared by the demo and ``benchmarks.step_time``)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(doc)
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--max-staleness", type=int, default=4)
     parser.add_argument("--minibatches", type=int, default=2, help="actor.ppo_n_minibatches")
     parser.add_argument("--seqs", type=int, default=8, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=seq_len)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument(
         "--audit-interval", type=int, default=0, metavar="N",
         help="use the plugin's own audit (actor.a3po.audit_interval=N) instead of the untimed ground truth",
@@ -218,7 +212,7 @@ def stream_parser(doc: str, *, steps: int, seq_len: int) -> argparse.ArgumentPar
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = stream_parser(__doc__, steps=12, seq_len=24).parse_args(argv)
+    args = output.output_options(stream_parser(__doc__, steps=12, seq_len=24)).parse_args(argv)
     settings = Settings.from_args(args)
     result = run(settings)
     print()
@@ -232,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
         print(f"Audit (actor.a3po.audit_interval={args.audit_interval}): errors on audited steps vs recomputed π_prox, step times")
         print(format_audit_table(result))
-    save(result, args.json)
+    output.save(result, args)
     return result
 
 

@@ -24,8 +24,8 @@ recompute's.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import tempfile
@@ -37,7 +37,8 @@ import torch
 from benchmarks.harness import variants as registry
 from benchmarks.harness.loop import median_after_warmup
 from benchmarks.harness.tasks import reversal_prompts, token_reward
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import figure, table
 
 N_DIGITS = 2
 #: ``--quick``: the methods that must both learn, and by how much the eval reward must rise.
@@ -180,42 +181,33 @@ def summarize(curves: dict) -> dict:
 def format_table(result: dict) -> str:
     s = result["summary"]
     base = s.get("recompute", {}).get("step_time")
-    lines = [f"{'method':<18}{'initial':>9}{'final (± sd)':>16}{'last 3 evals':>14}{'s/step':>10}{'vs recompute':>14}"
-             f"{'first step':>12}{'all steps':>11}"]
-    for m, r in s.items():
-        ratio = f"{r['step_time'] / base:.2f}x" if base else "-"
-        lines.append(f"{m:<18}{r['initial_reward']:>9.3f}{r['final_reward']:>9.3f} ± {r['final_reward_spread']:.3f}"
-                     f"{r['last3_reward']:>14.3f}{r['step_time']:>10.3f}{ratio:>14}{r['first_step_time']:>10.2f} s"
-                     f"{r['trainer_time']:>9.1f} s")
-    lines.append("(s/step: median trainer seconds per step after the first, whose warm-up is paid by the method that "
-                 "trains first; vs recompute: ratio of those medians)")
-    return "\n".join(lines)
+    rows = [[m, f"{r['initial_reward']:.3f}", f"{r['final_reward']:.3f} ± {r['final_reward_spread']:.3f}",
+             f"{r['last3_reward']:.3f}", f"{r['step_time']:.3f}", f"{r['step_time'] / base:.2f}x" if base else "-",
+             f"{r['first_step_time']:.2f} s", f"{r['trainer_time']:.1f} s"]
+            for m, r in s.items()]
+    return (table(rows, ["method", "initial", "final (± sd)", "last 3 evals", "s/step", "vs recompute", "first step",
+                         "all steps"])
+            + "\n(s/step: median trainer seconds per step after the first, whose warm-up is paid by the method that "
+            "trains first; vs recompute: ratio of those medians)")
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for m, runs in result["curves"].items():
-        evals = [_evals(r) for r in runs]
-        steps = [e[0] for e in evals[0]]
-        rewards = torch.tensor([[e[2] for e in ev] for ev in evals])
-        mean, lo, hi = rewards.mean(0), rewards.min(0).values, rewards.max(0).values
-        times = torch.tensor([[e[1] for e in ev] for ev in evals]).mean(0)
-        for ax, x in ((axes[0], steps), (axes[1], times.tolist())):
-            ax.plot(x, mean.tolist(), marker="o", ms=3, label=m)
-            ax.fill_between(x, lo.tolist(), hi.tolist(), alpha=0.15)
-    axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("trainer time (s, CPU; first step counted as the median step)")
-    axes[0].set_ylabel("eval reward (mean, min–max over seeds)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"Digit reversal, staleness ≤ {result['settings']['max_staleness']}, {len(result['settings']['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 3.6), sharey=True) as (fig, axes):
+        for m, runs in result["curves"].items():
+            evals = [_evals(r) for r in runs]
+            steps = [e[0] for e in evals[0]]
+            rewards = torch.tensor([[e[2] for e in ev] for ev in evals])
+            mean, lo, hi = rewards.mean(0), rewards.min(0).values, rewards.max(0).values
+            times = torch.tensor([[e[1] for e in ev] for ev in evals]).mean(0)
+            for ax, x in ((axes[0], steps), (axes[1], times.tolist())):
+                ax.plot(x, mean.tolist(), marker="o", ms=3, label=m)
+                ax.fill_between(x, lo.tolist(), hi.tolist(), alpha=0.15)
+        axes[0].set_xlabel("training step")
+        axes[1].set_xlabel("trainer time (s, CPU; first step counted as the median step)")
+        axes[0].set_ylabel("eval reward (mean, min–max over seeds)")
+        axes[1].legend(fontsize=8)
+        settings = result["settings"]
+        fig.suptitle(f"Digit reversal, staleness ≤ {settings['max_staleness']}, {len(settings['seeds'])} seed(s)")
 
 
 def quick_check(result: dict) -> bool:
@@ -232,7 +224,7 @@ def quick_check(result: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     parser.add_argument("--max-staleness", type=int, default=4)
@@ -245,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sync", action="store_true", help=f"also train the synchronous on-policy reference ({registry.REFERENCE!r})")
     parser.add_argument("--quick", action="store_true", help=f"CI check: 1 seed, {' + '.join(QUICK_METHODS)}, 20 steps; "
                         f"exit 1 unless both eval rewards rise by more than {QUICK_MARGIN}")
-    parser.add_argument("--json", help="write all points to this file")
-    parser.add_argument("--plot", help="draw reward vs step and vs trainer time to this PNG")
+    output.output_options(parser, json="write all points to this file",
+                          plot="draw reward vs step and vs trainer time to this PNG")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.methods, args.eval_every = 20, 1, list(QUICK_METHODS), 5
@@ -262,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = run(settings, progress=bar.update)
     result["wall_seconds"] = time.perf_counter() - start
     print(format_table(result))
-    save(result, args.json, lambda path: plot(result, path), args.plot)
+    output.save(result, args, functools.partial(plot, result))
     if args.quick and not quick_check(result):
         sys.exit(1)
     return result

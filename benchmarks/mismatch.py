@@ -16,13 +16,14 @@ minibatch index j. ``--stats NAME=PATH ...`` summarises runs that already ran (t
 
 from __future__ import annotations
 
-import argparse
 import re
+import textwrap
 import time
 from pathlib import Path
 
 from benchmarks.e2e_speedup import execute, plan_runs
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import table
 
 AUDIT = "ppo_actor/update/a3po/audit/"
 #: audit stats prefix -> label of the approximation it measures (the active anchor is ``recompute``)
@@ -54,21 +55,25 @@ def summarize(rows: list[dict]) -> dict:
     )
 
 
+def _error(x: float | None) -> str:
+    return f"{x:.2e}" if x is not None else "-"
+
+
 def format_tables(results: dict) -> str:
-    f = lambda x: f"{x:.2e}" if x is not None else "-"  # noqa: E731
     lines = []
     for name, res in results.items():
+        rows = [[d, f"{b['tokens']:.0f}", _error(b["behave_gap"]), *(_error(b[m]) for m in APPROXIMATIONS.values())]
+                for d, b in res["by_staleness"].items()]
         lines.append(f"{name}: mean |log pi_behave - log pi_prox| (gap) and |d log pi_prox| by staleness d")
-        lines.append(f"  {'d':>3}{'tokens':>8}{'gap':>10}" + "".join(f"{m:>17}" for m in APPROXIMATIONS.values()))
-        for d, b in res["by_staleness"].items():
-            lines.append(f"  {d:>3}{b['tokens']:>8.0f}{f(b['behave_gap']):>10}" + "".join(f"{f(b[m]):>17}" for m in APPROXIMATIONS.values()))
+        headers = ["d", "tokens", "gap", *APPROXIMATIONS.values()]
+        lines.append(textwrap.indent(table(rows, headers, align="r" * len(headers)), "  "))
         lines.append("  by minibatch j: " + "; ".join(
-            f"j={j}: " + ", ".join(f"{m} {f(v)}" for m, v in b.items()) for j, b in res["by_minibatch"].items()))
+            f"j={j}: " + ", ".join(f"{m} {_error(v)}" for m, v in b.items()) for j, b in res["by_minibatch"].items()))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = output.parser(__doc__)
     parser.add_argument("--config", default="configs/cpu_tiny.yaml")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--engine-dtypes", nargs="+", default=["float32", "bfloat16"], help="vllm.dtype values (trainer: float32)")
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--override", nargs="*", action="extend", default=[], help="extra Hydra overrides for every run (repeatable)")
     parser.add_argument("--logs", default=None)
     parser.add_argument("--stats", nargs="+", metavar="NAME=PATH", help="summarise these stats.jsonl files; run nothing")
-    parser.add_argument("--json")
+    output.output_options(parser)
     args = parser.parse_args(argv)
     if args.stats:
         from benchmarks.harness.launch import read_stats
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {name: summarize(read_stats(path)) for name, path in (item.split("=", 1) for item in args.stats)}
         print(format_tables(results))
         out = dict(config=args.config, results=results)
-        save(out, args.json, lambda path: None, None)
+        output.save(out, args)
         return out
 
     tag = time.strftime("%Y%m%d-%H%M%S")
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = summarize(rows)
     print(format_tables(results))
     out = dict(steps=args.steps, config=args.config, results=results)
-    save(out, args.json, lambda path: None, None)
+    output.save(out, args)
     return out
 
 

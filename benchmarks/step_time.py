@@ -24,6 +24,7 @@ values. ``--device cuda`` runs in bfloat16 and synchronises the device at every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
@@ -33,7 +34,8 @@ import torch
 from benchmarks.in_process import Settings, per_step, run, stream_parser
 from benchmarks.harness import variants as registry
 from benchmarks.harness.loop import PHASES as LOOP_PHASES, after_warmup
-from benchmarks.output import save
+from benchmarks import output
+from benchmarks.output import figure, table
 
 PHASES = (*LOOP_PHASES, "total")
 
@@ -79,14 +81,10 @@ def summarize(result: dict, n_tokens: int) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    head = f"{'variant':<17}" + "".join(f"{p:>22}" for p in PHASES) + f"{'vs recompute':>16}{'vs limit':>10}"
-    lines = [head, f"{'':<17}" + "".join(f"{'median [IQR] ms':>22}" for _ in PHASES)]
-    for name, phases in summary["phases"].items():
-        cells = "".join(
-            f"{q['median'] * 1e3:>9.1f} [{q['p25'] * 1e3:5.1f},{q['p75'] * 1e3:5.1f}]" for q in phases.values()
-        )
-        ratio = summary["ratio_vs_recompute"][name]["median"]
-        lines.append(f"{name:<17}{cells}{ratio:>15.3f}x{summary['gap_to_limit'][name]:>+10.1%}")
+    rows = [[name, *(f"{q['median'] * 1e3:.1f} [{q['p25'] * 1e3:.1f}, {q['p75'] * 1e3:.1f}]" for q in phases.values()),
+             f"{summary['ratio_vs_recompute'][name]['median']:.3f}x", f"{summary['gap_to_limit'][name]:+.1%}"]
+            for name, phases in summary["phases"].items()]
+    lines = [table(rows, ["variant", *(f"{p}\nmedian [IQR] ms" for p in PHASES), "vs recompute", "vs limit"])]
     lim = summary["limit_ratio"]
     lines.append(f"limit ratio (recompute step without its recompute phase): {lim['median']:.3f}x [{lim['p25']:.3f}, {lim['p75']:.3f}]")
     it = summary["interpolation"]
@@ -95,25 +93,18 @@ def format_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(summary["phases"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bottom = [0.0] * len(names)
-    for phase in PHASES[:-1]:
-        heights = [summary["phases"][n][phase]["median"] * 1e3 for n in names]
-        ax.bar(names, heights, bottom=bottom, label=phase)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.axhline(summary["phases"]["recompute"]["total"]["median"] * 1e3 * summary["limit_ratio"]["median"], ls="--", c="k", lw=1, label="limit")
-    ax.set_ylabel("median ms per step")
-    ax.set_title("Trainer step by phase (interleaved, same stale stream)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 3.5)) as (_, ax):
+        bottom = [0.0] * len(names)
+        for phase in PHASES[:-1]:
+            heights = [summary["phases"][n][phase]["median"] * 1e3 for n in names]
+            ax.bar(names, heights, bottom=bottom, label=phase)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        limit = summary["phases"]["recompute"]["total"]["median"] * 1e3 * summary["limit_ratio"]["median"]
+        ax.axhline(limit, ls="--", c="k", lw=1, label="limit")
+        ax.set_ylabel("median ms per step")
+        ax.set_title("Trainer step by phase (interleaved, same stale stream)")
+        ax.legend(fontsize=8)
 
 
 MODELS = {"toy": None, "qwen2.5-1.5b-shape": "qwen2.5-1.5b", "tiny-shape": "tiny"}
@@ -171,11 +162,11 @@ def _dtype(args) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = stream_parser(__doc__, steps=30, seq_len=32)
-    parser.add_argument("--plot", help="draw phase times per variant to this PNG")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=list(MODELS), default="toy",
                         help="toy: the demo's tiny Qwen2; *-shape: a random model of a shipped architecture")
-    parser.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    output.output_options(parser, plot="draw phase times per variant to this PNG",
+                          dry_run="print what would run and exit")
     args = parser.parse_args(argv)
     if args.dry_run:
         print(plan(args))
@@ -197,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(result, n_tokens=args.seqs * args.seq_len // args.minibatches)
     print(format_table(summary))
     out = dict(settings=result["settings"], summary=summary, per_step=result["per_step"])
-    save(out, args.json, lambda path: plot(summary, path), args.plot)
+    output.save(out, args, functools.partial(plot, summary))
     return out
 
 

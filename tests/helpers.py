@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.harness.launch import REPO, Run, launch, read_stats, without_spmd_env
+from benchmarks.harness.launch import REPO, Kill, Run, launch, read_stats, wait_until, without_spmd_env
 
 CPU_TINY = REPO / "configs" / "cpu_tiny.yaml"
 CPU_TINY_DP2 = REPO / "configs" / "cpu_tiny_dp2.yaml"
@@ -90,9 +90,14 @@ def train(
     for an SGLang config)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(python), *ENTRY, "--config", str(config), *experiment_overrides(workdir, trial), *overrides]
+    if kill_when is not None:
+        plan = Kill(kill_when, kill, kill_signal)
+    elif kill_after_step is not None:
+        plan = Kill.after_step(kill_after_step, kill, kill_signal)
+    else:
+        plan = None
     return launch(cmd, log_file=workdir / f"{trial}.out", stats=f"{workdir}/fileroot/logs/*/*/{trial}/stats.jsonl",
-                  env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill_after_step=kill_after_step, kill_when=kill_when, kill=kill,
-                  kill_signal=kill_signal, timeout=timeout)
+                  env=user_env(PYTHONUNBUFFERED="1", **(env or {})), kill=plan, timeout=timeout)
 
 
 #: The variable ``no_orphans`` sets for the block: every process a run in it starts inherits it (AReaL's
@@ -151,14 +156,13 @@ def no_orphans():
             os.environ.pop(TREE_VARIABLE, None)
         else:
             os.environ[TREE_VARIABLE] = previous
-        deadline = time.monotonic() + GRACE_SECONDS  # SIGTERM'd processes (Ray's workers) take a moment to exit
-        while (alive := run_processes(since, before, tag)) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        from areal_a3po.processes import stop  # on use: importing areal_a3po imports torch
+
+        # SIGTERM'd processes (Ray's workers) take a moment to exit
+        wait_until(lambda: not run_processes(since, before, tag), timeout=GRACE_SECONDS, interval=0.5)
+        alive = run_processes(since, before, tag)
         leftovers.extend(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:160]}" for p in alive)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
+        stop([(p.pid, p.info["create_time"]) for p in alive])
 
 
 # --- Several trainer ranks in one test: fresh processes over gloo ---
@@ -208,23 +212,24 @@ def run_ranks(target, *args, world: int = 2, timeout: float = 180.0, output: str
     procs = [ctx.Process(target=_rank_entry, args=(target, r, world, port, box, args, output)) for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, value = box.get(timeout=0.5)
+
+    def all_in() -> bool:
+        exited = [r for r, p in enumerate(procs) if p.exitcode is not None]  # before the results: theirs are queued
+        with contextlib.suppress(queues.Empty):
+            while True:
+                rank, value = box.get_nowait()
                 results[rank] = value
-                continue
-            except queues.Empty:
-                pass
-            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
-            if dead:
-                raise AssertionError(f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]} without a result")
-            if time.monotonic() > deadline:
-                missing = [r for r in range(world) if r not in results]
-                raise AssertionError(f"rank(s) {missing} gave no result within {timeout:.0f} s (waiting in a collective?)")
+        dead = [r for r in exited if r not in results]
+        if dead:
+            raise AssertionError(f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]} without a result")
+        return len(results) == world
+
+    try:
+        if not wait_until(all_in, timeout=timeout, interval=0.1):
+            missing = [r for r in range(world) if r not in results]
+            raise AssertionError(f"rank(s) {missing} gave no result within {timeout:.0f} s (waiting in a collective?)")
     finally:
-        for p in procs:
+        for p in procs:  # multiprocessing's own kill and join: it must reap its children itself
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()

@@ -170,14 +170,15 @@ def test_launch_kills_the_whole_run_after_the_step_and_reads_its_stats(tmp_path)
     import os
     import sys
 
-    from benchmarks.harness.launch import launch
+    from benchmarks.harness.launch import Kill, launch
 
     stats = tmp_path / "stats.jsonl"
     # the watched process starts a child of its own (as AReaL's controller does): killpg must reach both
     child = tmp_path / "child.pid"
     command = [sys.executable, "-c", f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
                f"open({str(child)!r}, 'w').write(str(p.pid)); exec({_WRITER!r})", str(stats)]
-    run = launch(command, log_file=tmp_path / "run.log", stats=tmp_path / "stats*.jsonl", kill_after_step=2, timeout=60)
+    run = launch(command, log_file=tmp_path / "run.log", stats=tmp_path / "stats*.jsonl", kill=Kill.after_step(2),
+                 timeout=60)
     assert run.killed and run.returncode == -9
     assert run.steps()[:3] == [0, 1, 2] and run.stats_file == stats
     assert run.output.startswith("$ " + sys.executable)
@@ -191,6 +192,75 @@ def test_launch_kills_the_whole_run_after_the_step_and_reads_its_stats(tmp_path)
             assert f.read().split()[2] == "Z", "the run's child survived the kill"
     except ProcessLookupError:
         pass
+
+
+# The run's controller starts a worker (a child whose command line says ``--role worker``) and writes a
+# stats row every 50 ms; it ends by itself (exit 3) once the worker is gone, as AReaL's controller does
+# when a worker dies; on SIGTERM it writes "controller: SIGTERM" and exits 143.
+_CONTROLLER = """
+import json, signal, subprocess, sys, time
+def stopped(signum, frame):
+    print("controller: SIGTERM", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stopped)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--role", "worker"])
+open(sys.argv[2], "w").write(str(worker.pid))
+for step in range(400):
+    with open(sys.argv[1], "a") as f:
+        f.write(json.dumps({"global_step": step, "wall_time": time.time()}) + "\\n")
+    if worker.poll() is not None:
+        print(f"controller: the worker ended ({worker.returncode})", flush=True)
+        sys.exit(3)
+    time.sleep(0.05)
+"""
+
+
+def _role_worker(proc, root_pid):
+    return "--role" in proc.cmdline() and proc.pid != root_pid
+
+
+def test_launch_signals_only_the_matching_processes_and_watches_the_run_end(tmp_path):
+    import os
+    import signal
+    import sys
+
+    from benchmarks.harness.launch import Kill, controller, launch
+
+    stats, pid = tmp_path / "stats.jsonl", tmp_path / "worker.pid"
+    command = [sys.executable, "-c", _CONTROLLER, str(stats), str(pid)]
+    # SIGKILL the worker once step 2 is committed: the controller is not signalled, sees it gone, ends with 3
+    run = launch(command, log_file=tmp_path / "worker.log", stats=stats, kill=Kill.after_step(2, _role_worker),
+                 timeout=60)
+    assert run.killed and run.returncode == 3 and run.output.splitlines()[-1] == "controller: the worker ended (-9)"
+    assert 2 in run.steps() and 0 <= run.ended_after_kill < 30
+    # kill_when and SIGTERM to the controller alone (what a scheduler sends): it ends by itself, and its worker
+    # (which this controller does not stop) is left running: no group kill after a run that ended by itself
+    stats.unlink()
+    try:
+        run = launch(command, log_file=tmp_path / "controller.log", stats=stats, timeout=60,
+                     kill=Kill(lambda rows: len(rows) >= 3, controller, signal.SIGTERM))
+        assert run.killed and run.returncode == 143 and run.output.splitlines()[-1] == "controller: SIGTERM"
+        os.kill(int(pid.read_text()), 0)  # the worker is alive
+    finally:
+        os.kill(int(pid.read_text()), signal.SIGKILL)
+    # nothing killed when the condition never holds
+    stats.unlink()
+    run = launch([sys.executable, "-c", "print('done')"], log_file=tmp_path / "ok.log", stats=stats,
+                 kill=Kill.after_step(0, _role_worker))
+    assert not run.killed and run.ended_after_kill is None and run.returncode == 0
+
+
+def test_wait_until_polls_until_done_or_the_timeout():
+    import time
+
+    from benchmarks.harness.launch import wait_until
+
+    calls = []
+    assert wait_until(lambda: calls.append(1) or len(calls) == 3, timeout=None, interval=0.01) is True
+    assert len(calls) == 3
+    start = time.monotonic()
+    assert wait_until(lambda: False, timeout=0.2, interval=0.05) is False
+    assert 0.2 <= time.monotonic() - start < 2
 
 
 def test_launch_times_out_and_leaves_nothing(tmp_path):
@@ -249,16 +319,17 @@ def test_share_summary_by_hand(tmp_path, capsys):
     ])
     e2e_speedup.compare(runs)
     p = share.summarize(runs)["wide"]
-    assert p["recompute_share"] == dict(median=0.25, min=0.25, max=0.25, n=2)
-    a3po = p["methods"]["a3po-paper"]
-    assert a3po["time_saved"]["min"] == pytest.approx(0.20) and a3po["time_saved"]["max"] == pytest.approx(0.25)
-    assert a3po["kept"]["min"] == pytest.approx(0.80) and a3po["kept"]["max"] == pytest.approx(1.00)
-    assert a3po["time_saved"]["median"] == pytest.approx(0.225) and a3po["kept"]["median"] == pytest.approx(0.90)
+    assert p.recompute_share == e2e_speedup.Spread(median=0.25, min=0.25, max=0.25, n=2)
+    a3po = p.methods["a3po-paper"]
+    assert a3po.time_saved.min == pytest.approx(0.20) and a3po.time_saved.max == pytest.approx(0.25)
+    assert a3po.kept.min == pytest.approx(0.80) and a3po.kept.max == pytest.approx(1.00)
+    assert a3po.time_saved.median == pytest.approx(0.225) and a3po.kept.median == pytest.approx(0.90)
     # final rewards: recompute .5 and .3, a3po .4 and .4 -> per seed −.1 and +.1; seed spread .5 − .3 = .2
-    assert a3po["final_reward_vs_recompute"]["min"] == pytest.approx(-0.1) and a3po["final_reward_vs_recompute"]["max"] == pytest.approx(0.1)
-    assert p["seed_spread"] == pytest.approx(0.2)
+    diff = a3po.final_reward_vs_recompute
+    assert diff.min == pytest.approx(-0.1) and diff.max == pytest.approx(0.1)
+    assert p.seed_spread == pytest.approx(0.2)
     # train_step: recompute 10 − 2.5 − 1 = 6.5 and 8; a3po 7 and 8 -> 7/6.5 − 1 = +7.7% and 0%
-    assert a3po["train_step_vs_recompute"]["max"] == pytest.approx(7 / 6.5 - 1) and a3po["train_step_vs_recompute"]["min"] == 0.0
+    assert a3po.train_step_vs_recompute.max == pytest.approx(7 / 6.5 - 1) and a3po.train_step_vs_recompute.min == 0.0
     table = share.format_table({"wide": p})
     assert "22.5% [20.0%, 25.0%]" in table and "90.0% [80.0%, 100.0%]" in table
     share.plot({"wide": p}, runs, str(tmp_path / "share.png"))
@@ -267,12 +338,12 @@ def test_share_summary_by_hand(tmp_path, capsys):
     runs.update(dict([_share_run("wide", "recompute", 2, 10.0, 2.5, [0.0] * 5), _share_run("wide", "a3po-paper", 2, 8.0, 0.0, [0.9] * 5)]))
     e2e_speedup.compare(runs)
     p = share.summarize(runs)["wide"]
-    assert p["methods"]["a3po-paper"]["time_saved"]["n"] == 3 and p["methods"]["a3po-paper"]["final_reward"]["n"] == 2
+    assert p.methods["a3po-paper"].time_saved.n == 3 and p.methods["a3po-paper"].final_reward.n == 2
     # Runs merged from several points (``--from-json a.json b.json``) pair within their point: a 'tiny'
     # recompute run of repetition 0 (2 s a step) listed first changes nothing at 'wide'.
     merged = dict([_share_run("tiny", "recompute", 0, 2.0, 0.5, [0.0] * 15), *runs.items()])
     e2e_speedup.compare(merged)
-    assert share.summarize(merged)["wide"]["methods"]["a3po-paper"]["time_saved"] == p["methods"]["a3po-paper"]["time_saved"]
+    assert share.summarize(merged)["wide"].methods["a3po-paper"].time_saved == p.methods["a3po-paper"].time_saved
     # Tokens clipped: the mean over the steps that report AReaL's clip ratio, (0.1 + 0.3) / 2 = 0.2.
     assert share.clip_ratio({"rows": [{share.CLIP_KEY: 0.1}, {share.CLIP_KEY: 0.3}, {}]}) == pytest.approx(0.2)
     assert share.clip_ratio({"rows": []}) is None
