@@ -14,7 +14,9 @@ The loss of one micro-batch, in three parts:
 - ``micro_batch_prox_logp``: π_prox (the approximation, or AReaL's recomputed π_prox in the fallback's
   recompute mode) and its ``a3po/*`` statistics;
 - the check of log π_θ (a NaN/Inf log π_θ on a generated token: the model diverged);
-- ``audit_micro_batch`` on audited steps: every method's error against the recomputed π_prox.
+- ``audit_micro_batch`` on audited steps: every method's error against the recomputed π_prox;
+- on every step, ``log_tag_check``: do the tokens tagged with the trainer's version match π_θ in
+  minibatch 0, as tokens of that version must (``a3po/tag_check/*``)?
 
 ``A3POUpdateEngine`` is the engine as ``PPOActor._ppo_update`` sees it during one A-3PO update.
 AReaL (1.0.4, 2.0.0) has no hook for the update's loss: ``_ppo_update`` builds
@@ -42,7 +44,9 @@ from areal_a3po.config import A3POConfig
 from areal_a3po.proximal import ANCHORS, interpolate, interpolation_weights, staleness
 from areal_a3po.ranks import gather_rows, raise_together
 
-__all__ = ["AREAL_VERSIONS_KEY", "A3POUpdateEngine", "StepAudit", "a3po_loss_fn", "micro_batch_prox_logp"]
+__all__ = [
+    "AREAL_VERSIONS_KEY", "TAG_CHECK_GAP", "A3POUpdateEngine", "StepAudit", "a3po_loss_fn", "log_tag_check", "micro_batch_prox_logp",
+]
 
 #: Key under which a batch carries AReaL's own (unaligned) versions, for the audit's comparison
 #: with AReaL's ``loglinear``.
@@ -52,6 +56,14 @@ AREAL_VERSIONS_KEY = "a3po_areal_versions"
 #: loss's forward, detached; reported on 1.0.4 too, where it is what 2.0 would use).
 AREAL_LOGLINEAR = "areal_loglinear"
 AREAL_REUSE_TRAIN_LOGP = "areal_reuse_train_logp"
+#: ``a3po/tag_check/suspect_tokens``: a token tagged with the trainer's version whose
+#: |log π_behave − log π_θ| in minibatch 0 is above this. Mis-tagging a token moves its log π̂_prox by
+#: up to that gap (its α changes); below 1e-2 that is under 1% of the PPO ratio, far inside the clip
+#: (ε = 0.2), so 1e-2 counts the mis-tags that matter. It is 10⁴× a float32 engine's mismatch (~1e-7,
+#: max ~1e-6 at equal weights) and below the one-version drift of most tokens at the CPU configs' lr
+#: (0.06–0.15 on average, 0.2–0.6 at most; the least-moved tokens drift less and are not counted).
+#: A bfloat16 engine's mismatch averages ~1e-3 with a long tail: there the count also holds the tail.
+TAG_CHECK_GAP = 1e-2
 
 
 class StepAudit:
@@ -168,9 +180,35 @@ def micro_batch_prox_logp(
             importance_weight=torch.where(tokens, torch.exp(theta_logp - prox_logp), 0.0),
             denominator="a3po_tokens",
         )
+        log_tag_check(behave_logp, theta_logp, tokens & (d == 0), position.minibatch)
         if truth is not None:
             audit_micro_batch(approx, truth, theta_logp, input_data, a3po, position, clip, tokens, d, step_audit)
     return prox_logp
+
+
+def log_tag_check(behave_logp: torch.Tensor, theta_logp: torch.Tensor, fresh: torch.Tensor, minibatch: int) -> None:
+    """``a3po/tag_check/*`` of one micro-batch, on every step: do the tokens tagged with the trainer's
+    version behave as if that version generated them?
+
+    In minibatch 0 no optimizer step of this update has run yet, so π_θ is the policy at the trainer's
+    version k, and a token tagged d = 0 should have log π_behave = log π_θ up to the engine mismatch.
+    Keys (under the current scope, the actor's ``a3po``):
+
+    - ``tag_check/tokens``: the tokens checked (generated, unmasked, d = 0, minibatch 0), a count;
+    - ``tag_check/suspect_tokens``: of those, the ones with |log π_behave − log π_θ| >
+      ``TAG_CHECK_GAP`` (a count): on a float32 engine, tokens that the version they are tagged with
+      did not generate (a stale token tagged current counts only if its one-version drift is above
+      the threshold, so this is a lower bound); on a bfloat16 engine also the mismatch's tail;
+    - ``tag_check/behave_gap``: |log π_behave − log π_θ| over the checked tokens (avg/min/max).
+
+    Recorded in every micro-batch of every minibatch (all-false masks after minibatch 0), next to
+    ``a3po/alpha``: the same keys on every rank whatever its shard, which AReaL's export over the
+    data-parallel group needs. No host sync."""
+    checked = fresh if minibatch == 0 else torch.zeros_like(fresh)
+    gap = torch.where(checked, (behave_logp.float() - theta_logp.float()).abs(), 0.0)
+    gap = torch.nan_to_num(gap, nan=0.0, posinf=0.0)  # a NaN/Inf log π_θ is raised after the minibatch
+    stats_tracker.denominator(**{"tag_check/tokens": checked, "tag_check/suspect_tokens": checked & (gap > TAG_CHECK_GAP)})
+    stats_tracker.stat(**{"tag_check/behave_gap": gap}, denominator="tag_check/tokens")
 
 
 def audit_micro_batch(approx, truth, theta_logp, input_data, a3po, position, clip, tokens, d, step_audit) -> None:

@@ -101,6 +101,27 @@ def test_loss_without_versions_is_named():
                      a3po=A3POConfig(), minibatch=0, n_minibatches=1, current_version=K, **AREAL_KW)
 
 
+def test_tag_check_counts_current_tokens_whose_behaviour_gap_is_above_the_engine_mismatch():
+    # Minibatch 0: π_θ is the policy at the trainer's version, so a d = 0 token's log π_behave must equal
+    # log π_θ up to the engine mismatch. Token 1 (d = 0, log π_behave = -1.0): log π_θ -1.5 (gap 0.5,
+    # a token of another version), then -1.0 + 5e-7 (a float32 engine's mismatch); then minibatch 1,
+    # where π_θ has moved and nothing is checked. The other tokens (d > 0) are never checked.
+    from areal.utils import stats_tracker
+
+    from areal_a3po.loss import TAG_CHECK_GAP
+
+    stats_tracker.export_all()
+    args = dict(a3po=A3POConfig(), n_minibatches=2, current_version=K, **AREAL_KW)
+    for minibatch, theta_1 in ((0, -1.5), (0, -1.0 + 5e-7), (1, -1.5)):
+        theta = THETA.clone()
+        theta[1] = theta_1
+        a3po_loss_fn(theta, torch.zeros(5), _batch(), minibatch=minibatch, **args)
+    stats = {k[len("a3po/tag_check/"):]: v for k, v in stats_tracker.export_all().items() if k.startswith("a3po/tag_check/")}
+    assert stats == pytest.approx({"tokens": 2.0, "suspect_tokens": 1.0, "behave_gap/avg": (0.5 + 5e-7) / 2,
+                                   "behave_gap/min": 5e-7, "behave_gap/max": 0.5}, abs=1e-7)
+    assert 5e-7 * 1000 < TAG_CHECK_GAP < 0.05  # far above the float32 mismatch, below one version's drift
+
+
 class _Recorder:
     def __init__(self, device: str = "cpu"):
         self.calls = []
