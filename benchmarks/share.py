@@ -51,6 +51,9 @@ AUDIT_INTERVAL = 10
 FINAL = 10  # steps averaged for the final reward
 METHODS = ("recompute", "a3po-paper", "a3po-recompute")
 CLIP_KEY = "ppo_actor/update/clip_ratio/avg"
+#: The plugin's version-tag keys (``areal_a3po.rollout_engines.TAG_STATS``, ``areal_a3po.loss.log_tag_check``).
+RETAGGED_KEY, AMBIGUOUS_KEY = "rollout/a3po/version_tags/retagged_tokens", "rollout/a3po/version_tags/ambiguous_tokens"
+CHECKED_KEY, SUSPECT_KEY = "ppo_actor/update/a3po/tag_check/tokens", "ppo_actor/update/a3po/tag_check/suspect_tokens"
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,14 @@ POINTS = {
     "tiny": Point(TINY, 24, "2 layers, hidden 128, 12 new tokens"),
     "mid": Point("configs/cpu_mid_pinned.yaml", 24, "2 layers, hidden 256, 24 new tokens"),
     "wide": Point("configs/cpu_wide_pinned.yaml", 60, "4 layers, hidden 256, 24 new tokens", setup1=True),
+    # The same experiment on SGLang, the paper's server; run it with .venv-sglang's python (make install).
+    "wide-sglang": Point("configs/cpu_wide_pinned_sglang.yaml", 60, "4 layers, hidden 256, 24 new tokens, SGLang"),
 }
+
+
+def point_of(name: str) -> Point | None:
+    """The point a result's name stands for: ``wide`` and ``wide@areal-2.0.0`` (``--label``) are ``wide``."""
+    return POINTS.get(name.split("@")[0])
 DEMO = dict(points=["wide"], methods=["recompute", "a3po-paper"], repeats=1, steps=16)
 
 
@@ -96,20 +106,38 @@ def plan_point(name: str, point: Point, methods: list[str], repeats: int, steps:
 
 
 def run_point(name: str, planned: list[tuple[int, dict]], steps: int, out_dir: Path, progress: bool) -> dict[str, dict]:
-    """Every run of one point, in order; {run name: record} as ``e2e_speedup`` records runs (the JSON's ``results``)."""
+    """Every run of one point, in order; {run name: record} as ``e2e_speedup`` records runs (the JSON's ``results``),
+    with the AReaL that ran it."""
+    from importlib.metadata import version
+
     results = {}
     for rep, run in planned:
         run = dict(run, name=f"{name}-{run['method']}-r{rep}")
         rows, cores = e2e.execute(run, out_dir, steps, pin=True, progress=progress)
         results[run["name"]] = dict(point=name, method=run["method"], repeat=rep, seed=rep + 1,
                                     config_file=run["config_file"], command=run["command"], cores=cores,
-                                    summary=e2e.summarize_run(rows), rows=rows)
+                                    areal=version("areal"), summary=e2e.summarize_run(rows), rows=rows)
     return e2e.compare(results)
 
 
 def final_reward(summary: dict) -> float | None:
     rewards = [c[2] for c in summary.get("reward_curve", []) if c[2] is not None]
     return statistics.fmean(rewards[-FINAL:]) if rewards else None
+
+
+def tag_figures(run: dict) -> tuple[float | None, float | None, float | None]:
+    """Of one run's steps: the tokens per generation whose tag the plugin changed from AReaL's (AReaL tagged
+    them with a version that did not serve them), those it could not tell (mean over steps of each
+    step's mean), and the share of the checked tokens (tagged current, minibatch 0) whose log π_behave is
+    off log π_θ by more than ``loss.TAG_CHECK_GAP``. None: not logged (AReaL's own engines; recompute
+    runs log no tag check)."""
+    rows = run.get("rows", [])
+    retagged = [r[RETAGGED_KEY] for r in rows if r.get(RETAGGED_KEY) is not None]
+    ambiguous = [r[AMBIGUOUS_KEY] for r in rows if r.get(AMBIGUOUS_KEY) is not None]
+    checked = sum(r.get(CHECKED_KEY) or 0 for r in rows)
+    suspect = sum(r.get(SUSPECT_KEY) or 0 for r in rows)
+    return (statistics.fmean(retagged) if retagged else None, statistics.fmean(ambiguous) if ambiguous else None,
+            suspect / checked if checked else None)
 
 
 def clip_ratio(run: dict) -> float | None:
@@ -136,13 +164,14 @@ class RunFigures:
     audit_abs_error: float | None
     clip_ratio: float | None
     summary: dict  # e2e_speedup.summarize_run's, for e2e_speedup.against
+    tags: tuple[float | None, float | None, float | None] = (None, None, None)  # tag_figures
 
     @classmethod
     def of(cls, record: dict) -> RunFigures:
         s = record["summary"]
         return cls(record["point"], record["method"], record["repeat"], s["steps"], s["step_seconds"],
                    s["recompute_logp_seconds"], s["train_step_seconds"], s.get("seq_len"), s["first_reward"],
-                   final_reward(s), s["audit_abs_error"], clip_ratio(record), s)
+                   final_reward(s), s["audit_abs_error"], clip_ratio(record), s, tag_figures(record))
 
     def against(self, recompute: RunFigures) -> dict:
         """This run paired with a recompute run: ``e2e_speedup.against``'s speedup, time saved, kept share."""
@@ -167,6 +196,12 @@ class MethodSummary:
     first_reward: Spread | None
     audit_abs_error: Spread | None
     clip_ratio: Spread | None
+    #: Over the method's runs: tokens per generation AReaL tagged with a version that did not serve them
+    #: (the plugin retagged them), tokens whose serving version could not be told, and the share of
+    #: tokens tagged current whose behaviour gap is above ``loss.TAG_CHECK_GAP`` (tag_figures).
+    retagged: Spread | None
+    ambiguous: Spread | None
+    suspect_share: Spread | None
     finals: dict[int, float | None]  # the final reward per repetition
     #: The final reward minus recompute's, per repetition (None for recompute).
     final_reward_vs_recompute: Spread | None
@@ -207,7 +242,7 @@ def _summarize_point(name: str, runs: list[RunFigures]) -> PointSummary:
         mine = [r for r in runs if r.method == method]
         methods[method] = _summarize_method(method, mine, recompute, recompute_finals, full)
     spreads = [m.final_reward.max - m.final_reward.min for m in methods.values() if m.final_reward]
-    point = POINTS.get(name)
+    point = point_of(name)
     return PointSummary(name, point.config if point else None, point.model if point else "", full, share, methods,
                         max(spreads) if spreads else None)
 
@@ -237,6 +272,9 @@ def _summarize_method(method: str, runs: list[RunFigures], recompute: dict[int, 
         first_reward=Spread.of(r.first_reward for r in learning),
         audit_abs_error=Spread.of(r.audit_abs_error for r in learning),
         clip_ratio=Spread.of(r.clip_ratio for r in learning),
+        retagged=Spread.of(r.tags[0] for r in mine),
+        ambiguous=Spread.of(r.tags[1] for r in mine),
+        suspect_share=Spread.of(r.tags[2] for r in mine),
         finals=finals,
         final_reward_vs_recompute=Spread.of(diffs) if method != "recompute" else None,
     )
@@ -267,6 +305,10 @@ def format_table(points: dict[str, PointSummary]) -> str:
             clipped = f"{m.clip_ratio.median:.1%}" if m.clip_ratio else "-"
             learning.append([name, method, _spread_text(m.first_reward, ".3f"), _spread_text(m.final_reward, ".3f"),
                              _spread_text(m.final_reward_vs_recompute, "+.3f"), audit, clipped])
+    tags = [[name, method, _spread_text(m.retagged, ".2f"), _spread_text(m.ambiguous, ".2f"),
+             _spread_text(m.suspect_share, ".2%")]
+            for name, p in points.items() for method, m in p.methods.items()
+            if m.retagged or m.suspect_share]
     seeds = "; ".join(f"{name} {p.seed_spread:.3f}" for name, p in points.items() if p.seed_spread is not None)
     return "\n".join([
         "Time saved against the recompute phase's share of the step (medians over alternated pairs [min, max]);",
@@ -280,6 +322,10 @@ def format_table(points: dict[str, PointSummary]) -> str:
         table(learning, ["point", "method", "reward first step", "final reward", "final minus recompute's, per seed",
                          "audited mean |Δ log π_prox|", "tokens clipped"], align="lllllrr"),
         f"Seed spread of the final reward (largest max − min of a method): {seeds or '-'}.",
+        *(["", "Version tags (median over runs [min, max]; per generation: tokens the plugin retagged from AReaL's "
+           "tag, tokens it could not tell; share of tokens tagged current with |log π_behave − log π_θ| > 1e-2):",
+           table(tags, ["point", "method", "retagged / generation", "ambiguous / generation", "suspect share"],
+                 align="llrrr")] if tags else []),
         f"Reported: paper {PAPER_SAVING:.0%} less training time; authors' Setup 1 1.82 h -> 1.53 h "
         f"({SETUP1_SAVING:.0%}); Setup 1's recompute share on an H100 (benchmarks.gpu_phases) {SETUP1_SHARE:.1%}.",
     ])
@@ -344,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="extra Hydra overrides for every run")
     parser.add_argument("--from-json", nargs="+",
                         help="read the runs from these files (written by --json) instead of running them")
+    parser.add_argument("--label", default="",
+                        help="name the points <point>@<label> in the results (e.g. areal-2.0.0: the same point "
+                             "under another AReaL, to merge with --from-json beside the first)")
     parser.add_argument("--logs", default=None, help="folder for each run's output (default: results/share-<time>)")
     parser.add_argument("--no-progress", action="store_true")
     output.output_options(parser, json="write every run and the summary to this file",
@@ -367,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path(args.logs or f"results/share-{tag}")
         results = {}
         for name, runs in planned.items():
-            results.update(run_point(name, runs, args.steps or POINTS[name].steps, out_dir, not args.no_progress))
+            label = f"{name}@{args.label}" if args.label else name
+            results.update(run_point(label, runs, args.steps or POINTS[name].steps, out_dir, not args.no_progress))
     points = summarize(results)
     print(format_table(points))
     out = dict(points={name: dataclasses.asdict(p) for name, p in points.items()}, results=results,
