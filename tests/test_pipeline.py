@@ -38,7 +38,8 @@ import sys
 
 import pytest
 
-from helpers import CPU_TINY, CPU_TINY_DP2, ENTRY, REPO, RUN_TIMEOUT, experiment_overrides, no_orphans, train, user_env
+from helpers import (CPU_TINY, CPU_TINY_DP2, ENTRY, REPO, RUN_TIMEOUT, experiment_overrides, no_orphans, train, user_env,
+                     write_gsm8k_dataset)
 
 from benchmarks.harness.launch import controller, worker
 from benchmarks.harness.ranks import RANKS_FILE_ENV, read_ranks
@@ -131,15 +132,7 @@ def user_run(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("user")
     model = build_model(work / "model", "cpu-tiny", seed=0)
-    data = work / "gsm8k-local"  # AReaL picks its GSM8K loader by "gsm8k" in the path
-    (data / "main").mkdir(parents=True)
-    (data / "README.md").write_text(
-        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
-        "  - split: test\n    path: main/test.jsonl\n---\n"
-    )
-    rows = [{"question": f"What is {a} + {b} ?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(6) for b in range(6)]
-    for split in ("train", "test"):
-        (data / "main" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_gsm8k_dataset(work / "gsm8k-local")  # AReaL picks its GSM8K loader by "gsm8k" in the path
     experiment = OmegaConf.load(CPU_TINY)
     del experiment["synthetic"]
     OmegaConf.save(experiment, work / "experiment.yaml")

@@ -44,6 +44,7 @@ from helpers import (
     run_ranks,
     train,
     user_env,
+    write_gsm8k_dataset,
 )
 
 from areal_a3po import processes
@@ -128,15 +129,7 @@ def test_the_users_command_trains_their_experiment_on_sglang(tmp_path):
     from benchmarks.harness.models import build_model
 
     model = build_model(tmp_path / "model", "cpu-tiny", seed=0)
-    data = tmp_path / "gsm8k-local"  # AReaL picks its GSM8K loader by "gsm8k" in the path
-    (data / "main").mkdir(parents=True)
-    (data / "README.md").write_text(
-        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
-        "  - split: test\n    path: main/test.jsonl\n---\n"
-    )
-    rows = [{"question": f"What is {a} + {b} ?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(6) for b in range(6)]
-    for split in ("train", "test"):
-        (data / "main" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_gsm8k_dataset(tmp_path / "gsm8k-local")  # AReaL picks its GSM8K loader by "gsm8k" in the path
     experiment = OmegaConf.merge(OmegaConf.load(REPO / "configs" / "cpu_tiny.yaml"), OmegaConf.load(CPU_TINY_SGLANG))
     del experiment["synthetic"], experiment["defaults"]
     OmegaConf.save(experiment, tmp_path / "experiment.yaml")
@@ -283,16 +276,10 @@ def _connect_and_leave(rank: int, world: int, model: str, address: str) -> str:
 
 def _connect_refused(rank: int, world: int, model: str, address: str) -> tuple[str, str, float]:
     from benchmarks.harness.actor import make_actor
-    from test_weight_sync import _sglang_client, _xccl_meta_sglang
+    from test_weight_sync import _sglang_client, _xccl_meta_sglang, connect_timed
 
     actor = make_actor(model, prox_logp_method="a3po", weight_update_group_timeout=5.0)
-    client = _sglang_client(address)
-    start = time.monotonic()
-    try:
-        actor.connect_engine(client, _xccl_meta_sglang())
-    except Exception as exc:  # noqa: BLE001 - the rank's result
-        return type(exc).__name__, str(exc), time.monotonic() - start
-    return "joined", "", time.monotonic() - start
+    return connect_timed(actor, _sglang_client(address), _xccl_meta_sglang())
 
 
 @pytest.mark.pipeline

@@ -11,6 +11,7 @@ trainer's address or hangs, which no CPU machine can stage with a real server wi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.server
 import socket
@@ -46,10 +47,10 @@ class _PeerThatNeverJoins(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def peer():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PeerThatNeverJoins)
-    _PeerThatNeverJoins.requests = []
+@contextlib.contextmanager
+def _serving(handler):
+    """``handler`` (an ``http.server`` handler class) serving on a free local port; yields its address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -57,6 +58,13 @@ def peer():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def peer():
+    _PeerThatNeverJoins.requests = []
+    with _serving(_PeerThatNeverJoins) as address:
+        yield address
 
 
 def _client(address: str):
@@ -206,14 +214,20 @@ def _two_ranks_connect(rank: int, world: int, model: str, peer: str) -> object:
 
     actor = make_actor(model, prox_logp_method="a3po", data_parallel_size=world, weight_update_group_timeout=2.0)
     client = _client(peer)
-    start = time.monotonic()
     try:
-        actor.connect_engine(client, _xccl_meta())
-    except Exception as exc:  # noqa: BLE001 - the rank's result
-        return type(exc).__name__, str(exc), time.monotonic() - start
+        return connect_timed(actor, client, _xccl_meta())
     finally:
         client.destroy()
-    return "connected"
+
+
+def connect_timed(actor, client, meta) -> tuple[str, str, float]:
+    """``actor.connect_engine(client, meta)``: (the error's type name or "joined", its message, seconds)."""
+    start = time.monotonic()
+    try:
+        actor.connect_engine(client, meta)
+    except Exception as exc:  # noqa: BLE001 - the rank's result
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return "joined", "", time.monotonic() - start
 
 
 def test_every_trainer_rank_raises_the_named_error_when_the_group_does_not_form(tiny_model, peer):
@@ -250,15 +264,11 @@ class _PeerThatJoinsAndLeaves(_PeerThatNeverJoins):
 
 @pytest.fixture
 def leaving_peer():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PeerThatJoinsAndLeaves)
     _PeerThatJoinsAndLeaves.requests, _PeerThatJoinsAndLeaves.joiners = [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"127.0.0.1:{server.server_address[1]}"
+        with _serving(_PeerThatJoinsAndLeaves) as address:
+            yield address
     finally:
-        server.shutdown()
-        server.server_close()
         for proc in _PeerThatJoinsAndLeaves.joiners:
             proc.kill()
             proc.wait()
