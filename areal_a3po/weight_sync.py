@@ -32,6 +32,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,8 +125,6 @@ def refusal(sent: list, wait: float = 15.0) -> str | None:
     """The first error a server answered a join request with (waiting up to ``wait`` s for the answers):
     the HTTP status of AReaL's failed request where it carries one (its reason is in the server's log),
     else the error's first 300 characters."""
-    import re
-
     for future in sent:
         try:
             future.result(timeout=wait)
