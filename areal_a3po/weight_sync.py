@@ -131,6 +131,10 @@ def refusal(sent: list, wait: float = 15.0) -> str | None:
         except concurrent.futures.TimeoutError:
             continue
         except Exception as exc:  # noqa: BLE001 - the server's answer, for the message
+            # Read from the text, not the exception chain: AReaL's ``arequest_with_retry`` (1.0.4 and
+            # 2.0.0 alike) raises a plain RuntimeError after its retry loop, outside any ``except``, so
+            # neither ``__cause__`` nor ``__context__`` holds aiohttp's ClientResponseError; only its
+            # repr in the message ("Last error: ClientResponseError(..., status=400, message='...')").
             text = " ".join(str(exc).split())
             status = re.search(r"status=(\d+), message='([^']*)'", text)
             if status:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import http.server
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -240,48 +243,56 @@ def test_every_trainer_rank_raises_the_named_error_when_the_group_does_not_form(
         assert elapsed < 30, (rank, elapsed)  # AReaL alone: rank 1 waits 7200 s in its barrier
 
 
+_JOINER = """\
+import datetime, json, sys
+from areal.engine.core.distributed import init_custom_process_group as join
+print("ready", flush=True)
+body = json.loads(sys.stdin.readline())
+join(backend="gloo", world_size=2, rank=1, group_name=body["group_name"],
+     init_method=f"tcp://{body['master_address']}:{body['master_port']}", timeout=datetime.timedelta(seconds=60))
+"""
+
+
 class _PeerThatJoinsAndLeaves(_PeerThatNeverJoins):
     """Joins the group (a real process, rank 1 of the rendezvous) when asked, then exits: the trainer's
-    next broadcast on the group fails (a server that died, or NCCL unable to connect at the first push)."""
+    next broadcast on the group fails (a server that died, or NCCL unable to connect at the first push).
 
-    joiners: list = []
+    The joining process is started, and its imports done, before the test asks (``leaving_peer``):
+    importing AReaL takes 16-23 s on an idle 2-core machine, more beside another test, and a joiner
+    started only when asked once arrived after the trainer's group timeout (CI, AReaL 2.0.0)."""
+
+    joiner: subprocess.Popen | None = None
 
     def do_POST(self):  # noqa: N802
-        import json
-        import subprocess
-        import sys
-
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}"
         type(self).requests.append(self.path)
         if "init_weights_update_group" in self.path:
-            code = ("import datetime, torch.distributed as d\n"
-                    "from areal.engine.core.distributed import init_custom_process_group as join\n"
-                    f"g = join(backend='gloo', world_size=2, rank=1, group_name={body['group_name']!r}, "
-                    f"init_method='tcp://{body['master_address']}:{body['master_port']}', timeout=datetime.timedelta(seconds=30))\n")
-            type(self).joiners.append(subprocess.Popen([sys.executable, "-c", code]))
+            type(self).joiner.stdin.write(json.dumps(json.loads(body)).encode() + b"\n")
+            type(self).joiner.stdin.flush()
         self._reply(200)
 
 
 @pytest.fixture
 def leaving_peer():
-    _PeerThatJoinsAndLeaves.requests, _PeerThatJoinsAndLeaves.joiners = [], []
+    joiner = subprocess.Popen([sys.executable, "-c", _JOINER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    _PeerThatJoinsAndLeaves.requests, _PeerThatJoinsAndLeaves.joiner = [], joiner
     try:
+        assert joiner.stdout.readline() == b"ready\n", "the joining process failed to import AReaL"
         with _serving(_PeerThatJoinsAndLeaves) as address:
             yield address
     finally:
-        for proc in _PeerThatJoinsAndLeaves.joiners:
-            proc.kill()
-            proc.wait()
+        joiner.kill()
+        joiner.wait()
 
 
 def test_a_push_on_the_group_that_fails_is_named(tiny_model, leaving_peer):
     from areal_a3po.weight_sync import WeightSyncError
 
-    actor = make_actor(tiny_model, prox_logp_method="a3po", weight_update_group_timeout=20.0)
+    actor = make_actor(tiny_model, prox_logp_method="a3po", weight_update_group_timeout=60.0)
     client = _client(leaving_peer)
     try:
         actor.connect_engine(client, _xccl_meta())  # the peer joined ...
-        _PeerThatJoinsAndLeaves.joiners[0].wait(timeout=60)  # ... and is gone
+        _PeerThatJoinsAndLeaves.joiner.wait(timeout=60)  # ... and is gone
         with pytest.raises(WeightSyncError, match=r"^actor\.weight_update_mode=xccl: a weight push to the inference server\(s\) .* "
                            r"over the weight-update group failed \(RuntimeError: .*Connection closed by peer.*\)\. NCCL connects at the first push"):
             actor.update_weights(_xccl_meta().with_version(1))
