@@ -277,7 +277,9 @@ def leaving_peer():
     joiner = subprocess.Popen([sys.executable, "-c", _JOINER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     _PeerThatJoinsAndLeaves.requests, _PeerThatJoinsAndLeaves.joiner = [], joiner
     try:
-        assert joiner.stdout.readline() == b"ready\n", "the joining process failed to import AReaL"
+        while (line := joiner.stdout.readline()) not in (b"ready\n", b""):  # past any line AReaL logs
+            pass
+        assert line, "the joining process failed to import AReaL"
         with _serving(_PeerThatJoinsAndLeaves) as address:
             yield address
     finally:
